@@ -1,0 +1,1 @@
+"""Metrics, plots and the evaluation report written into a run directory."""

@@ -1,0 +1,1 @@
+"""Training the classifier with Lightning, from cached features of a frozen backbone."""

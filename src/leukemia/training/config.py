@@ -1,0 +1,65 @@
+"""The settings of a training run, saved resolved in the run directory and the model file."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from leukemia.preprocessing.cell import PreprocessConfig
+from leukemia.training.module import MONITOR_MODES
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``train`` needs; defaults follow the usual frozen ResNet50 recipe.
+
+    Attributes:
+        data: a data folder or CSV manifest.
+        out: the run directory to create.
+        backbone: "resnet50", "efficientnet_lite0", or a timm model name.
+        weights: "imagenet", a local weights file, or "none" (random weights, for tests).
+        epochs: maximum epochs; early stopping on validation loss usually ends sooner.
+        patience: epochs without a lower validation loss before stopping.
+        monitor: the validation metric that picks the best checkpoint.
+        pos_weight: weight of ALL in the loss; "auto" is n(HEM) / n(ALL) of the training split.
+        image_level_split: split images at random instead of by subject (leaks subjects).
+        cache_dir: where preprocessed cells and features are cached; None for the default.
+        workers: preprocessing processes; None for every core.
+    """
+
+    data: Path
+    out: Path
+    backbone: str = "resnet50"
+    weights: str = "imagenet"
+    epochs: int = 30
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    patience: int = 5
+    monitor: str = "val_loss"
+    pos_weight: str | float = "auto"
+    hidden: int = 256
+    dropout: float = 0.5
+    seed: int = 42
+    val_fraction: float = 0.15
+    test_fraction: float = 0.2
+    image_level_split: bool = False
+    cache_dir: Path | None = None
+    workers: int | None = None
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+
+    def __post_init__(self) -> None:
+        if self.monitor not in MONITOR_MODES:
+            raise ValueError(f"invalid monitor {self.monitor!r}; use one of {', '.join(MONITOR_MODES)}")
+        if not 0 < self.val_fraction < 1 or not 0 < self.test_fraction < 1:
+            raise ValueError("val_fraction and test_fraction must be between 0 and 1")
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError("val_fraction + test_fraction must leave at least 10 % of the data for training")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be at least 1")
+
+    def to_dict(self) -> dict:
+        """Return the settings as plain JSON-compatible values."""
+        values = asdict(self)
+        for key in ("data", "out", "cache_dir"):
+            values[key] = None if values[key] is None else str(values[key])
+        return values

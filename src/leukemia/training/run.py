@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +151,8 @@ def _build_trainer(config: TrainConfig, run_dir: Path) -> tuple[L.Trainer, Model
         save_top_k=1,
     )
     early_stopping = EarlyStopping(monitor="val_loss", mode="min", patience=config.patience)
+    # The frozen backbone is in eval mode on purpose (its batch-norm statistics stay fixed).
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
     trainer = L.Trainer(
         max_epochs=config.epochs,
         accelerator="cpu",  # the head on cached features is too small to gain from a GPU

@@ -64,17 +64,37 @@ def extract_features(
     cached = {key: feature_cache.load(key) for key in dict.fromkeys(keys)}
     missing = [key for key, value in cached.items() if value is None]
 
+    # The fork keeps the global random state as it was, so a run that finds every feature in
+    # the cache trains exactly like one that computed them (DataLoader draws a seed).
     if missing:
-        model.eval().to(device)
-        dataset = CachedCellDataset(cell_cache, missing, [0] * len(missing), model.spec.mean, model.spec.std)
-        loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-        position = 0
-        for batch, _ in tqdm(loader, desc="features", unit="batch", disable=not progress):
-            features = model.forward_features(batch.to(device)).float().cpu()
-            for row in features:
-                key = missing[position]
-                feature_cache.store(key, row)
-                cached[key] = row
-                position += 1
+        with torch.random.fork_rng(devices=[]):
+            _compute_missing(
+                model, cell_cache, missing, feature_cache, cached, batch_size, num_workers, device, progress
+            )
     logger.info("features: %d computed, %d from the cache", len(missing), len(cached) - len(missing))
     return torch.stack([cached[key] for key in keys]) if keys else torch.empty(0, model.spec.feature_dim)
+
+
+def _compute_missing(
+    model: CellClassifier,
+    cell_cache: PreprocessCache,
+    missing: list[str],
+    feature_cache: FeatureCache,
+    cached: dict[str, torch.Tensor | None],
+    batch_size: int,
+    num_workers: int,
+    device: torch.device | str,
+    progress: bool,
+) -> None:
+    """Run the backbone over the missing cells, storing each vector in both caches."""
+    model.eval().to(device)
+    dataset = CachedCellDataset(cell_cache, missing, [0] * len(missing), model.spec.mean, model.spec.std)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    position = 0
+    for batch, _ in tqdm(loader, desc="features", unit="batch", disable=not progress):
+        features = model.forward_features(batch.to(device)).float().cpu()
+        for row in features:
+            key = missing[position]
+            feature_cache.store(key, row)
+            cached[key] = row
+            position += 1

@@ -73,9 +73,9 @@ class HeadOnFeatures(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.model.head.parameters(), lr=self.learning_rate)
 
-    def train(self, mode: bool = True) -> "HeadOnFeatures":
-        # Lightning switches the whole module to train mode each epoch; the frozen backbone's
-        # batch-norm statistics must stay fixed, so it is put back in eval mode.
-        super().train(mode)
+    def on_train_epoch_start(self) -> None:
+        # Lightning keeps each submodule's mode as it found it at the start of fit, and feature
+        # extraction leaves the whole model in eval mode; the head must train with dropout on,
+        # while the frozen backbone keeps its batch-norm statistics fixed.
+        self.model.head.train()
         self.model.backbone.eval()
-        return self

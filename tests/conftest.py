@@ -53,7 +53,7 @@ def release_listing() -> Path:
 
 
 def write_image(path: Path, image: np.ndarray) -> Path:
-    """Write an RGB, RGBA or grayscale array (8 or 16 bits) to ``path``; the suffix sets the format."""
+    """Write an RGB, RGBA or grayscale array (8 or 16 bits) to ``path``, in the format its suffix names."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if image.ndim == 3 and image.shape[2] == 3:
         image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)

@@ -12,7 +12,7 @@ from leukemia.data import ImageReadError, read_image
 
 
 def color_bars(height: int = 48, width: int = 64) -> np.ndarray:
-    """Return an RGB image of four solid vertical bars, red, green, blue and a purple stain colour."""
+    """Return an RGB image of four solid vertical bars, red, green, blue and a purple stain color."""
     image = np.zeros((height, width, 3), np.uint8)
     colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (150, 80, 190)]
     bar = width // len(colors)

@@ -14,7 +14,7 @@ from leukemia.data.splits import LEAKAGE_WARNING, SPLIT_NAMES
 
 
 def make_samples(subjects: dict[str, int], *, images: int, group: str = "fold_0") -> list[Sample]:
-    """Return ``images`` samples per subject; ``subjects`` maps subject id to label."""
+    """Return ``images`` samples for each subject of ``subjects``, a map from subject id to label."""
     return [
         Sample(Path(f"/cells/{group}/UID_{subject}_{i}_1.bmp"), label, subject, group)
         for subject, label in subjects.items()

@@ -227,7 +227,7 @@ def _read_manifest(csv_path: Path) -> DataSet:
     Relative paths are taken from the manifest's folder. Labels may be 0/1 or ALL/HEM.
     Rows that list the same file twice are an error, because they would weigh it twice.
     """
-    rows = _read_csv_rows(csv_path, required=("path", "label"))
+    rows = _read_csv_rows(csv_path, required=("path", "label"), optional=("subject",))
     if not rows:
         raise ValueError(f"{csv_path}: the manifest has a header but no rows")
 
@@ -256,10 +256,13 @@ def _read_manifest(csv_path: Path) -> DataSet:
     return DataSet(root=csv_path.parent, layout="CSV manifest", samples=samples, warnings=warnings)
 
 
-def _read_csv_rows(csv_path: Path, *, required: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
-    """Read a CSV into (line number, row) pairs with header names stripped of spaces.
+def _read_csv_rows(
+    csv_path: Path, *, required: tuple[str, ...], optional: tuple[str, ...] = ()
+) -> list[tuple[int, dict[str, str]]]:
+    """Read a CSV into (line number, row) pairs keyed by the required and optional column names.
 
-    A byte-order mark and Windows line endings are accepted. Header names match in any case.
+    A byte-order mark, Windows line endings and spaces around values are accepted. Header names
+    match in any case; a missing optional column reads as empty strings.
 
     Raises:
         ValueError: a required column is missing.
@@ -282,7 +285,8 @@ def _read_csv_rows(csv_path: Path, *, required: tuple[str, ...]) -> list[tuple[i
             if not any(value.strip() for value in values):
                 continue
             row = {name: value.strip() for name, value in zip(names, values)}
-            rows.append((line_number, {column: row.get(lookup[column.lower()], "") for column in required} | row))
+            columns = required + optional
+            rows.append((line_number, {column: row.get(lookup.get(column.lower(), ""), "") for column in columns}))
     return rows
 
 

@@ -39,7 +39,10 @@ class PreprocessConfig:
         output_size: side of the square output in pixels.
         enhance_output: apply CLAHE to the lightness of the output crop too (the mask is always
             computed on the enhanced gray image).
-        min_cell_fraction: a component smaller than this fraction of the image is no cell.
+        min_cell_fraction: a component smaller than this fraction of the segmentation window
+            is no cell.
+        segmentation_window: side in pixels of the square, centred on the cell, in which the
+            mask is computed; the C-NMC canvas is 450 pixels.
     """
 
     clahe_clip_limit: float = 3.0
@@ -51,14 +54,21 @@ class PreprocessConfig:
     output_size: int = 224
     enhance_output: bool = True
     min_cell_fraction: float = 0.002
+    segmentation_window: int = 450
 
     def __post_init__(self) -> None:
         if self.crop not in ("bbox", "fixed"):
             raise ValueError(f"invalid crop mode {self.crop!r}; use 'bbox' or 'fixed'")
         if self.clahe_clip_limit <= 0 or self.clahe_tile_grid < 1:
             raise ValueError("CLAHE clip limit must be positive and the tile grid at least 1")
-        if self.output_size < 16 or self.window < 16:
-            raise ValueError("output_size and window must be at least 16 pixels")
+        if self.output_size < 16 or self.window < 16 or self.segmentation_window < 16:
+            raise ValueError("output_size, window and segmentation_window must be at least 16 pixels")
+        if self.margin < 0:
+            raise ValueError(f"invalid margin {self.margin}; it must be 0 or more")
+        if self.opening_kernel < 0:
+            raise ValueError(f"invalid opening_kernel {self.opening_kernel}; it must be 0 or more")
+        if not 0 <= self.min_cell_fraction < 1:
+            raise ValueError(f"invalid min_cell_fraction {self.min_cell_fraction}; it must be in [0, 1)")
 
     def digest(self) -> str:
         """Return a short hash of the settings, part of every cache key."""
@@ -82,6 +92,7 @@ class PreprocessResult:
     output: np.ndarray
     bbox: tuple[int, int, int, int]  # x, y, width, height of the cell in the original
     dark_background: bool
+    window_origin: tuple[int, int]  # x, y of the segmentation window (gray, enhanced, mask) in the original
 
 
 def preprocess_cell(image: np.ndarray, config: PreprocessConfig = PreprocessConfig()) -> PreprocessResult:
@@ -93,17 +104,26 @@ def preprocess_cell(image: np.ndarray, config: PreprocessConfig = PreprocessConf
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got shape {image.shape} and dtype {image.dtype}")
 
-    # Gray and CLAHE: the enhanced image separates cell from background more evenly.
-    gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-    if int(gray.max()) - int(gray.min()) < 2:
-        raise BlankImageError(f"the image is uniform (every pixel is about {int(gray.mean())})")
-    enhanced = _clahe(config).apply(gray)
+    # Gray image and background polarity.
+    full_gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    if int(full_gray.max()) - int(full_gray.min()) < 2:
+        raise BlankImageError(f"the image is uniform (every pixel is about {int(full_gray.mean())})")
+    dark_background = is_dark_background(full_gray)
 
-    # Segmentation: Otsu on the enhanced image, polarity from the border, then cleaning.
-    dark_background = is_dark_background(gray)
+    # Segmentation window: a square of fixed side around the cell's rough position, so that
+    # CLAHE tiles and the minimum cell area do not depend on the canvas size (a 600x600 image
+    # with the cell centred gives the same mask as the 450x450 one).
+    side = config.segmentation_window
+    left, top = _segmentation_origin(full_gray, dark_background, side)
+    gray_background = 0 if dark_background else int(np.median(_border(full_gray)))
+    gray = _crop_square(full_gray, left, top, side, gray_background)
+
+    # Segmentation: CLAHE, Otsu on the enhanced image, opening, the largest component.
+    enhanced = _clahe(config).apply(gray)
     mask = otsu_mask(enhanced, dark_background)
     mask = open_mask(mask, config.opening_kernel)
-    mask, bbox = largest_component(mask, min_area=config.min_cell_fraction * gray.size)
+    mask, window_bbox = largest_component(mask, min_area=config.min_cell_fraction * side * side)
+    bbox = (window_bbox[0] + left, window_bbox[1] + top, window_bbox[2], window_bbox[3])
 
     # Crop and output: the crop keeps the cell undistorted, padding makes it square.
     background = _background_color(image, dark_background)
@@ -116,7 +136,7 @@ def preprocess_cell(image: np.ndarray, config: PreprocessConfig = PreprocessConf
     interpolation = cv2.INTER_AREA if crop.shape[0] > config.output_size else cv2.INTER_LINEAR
     output = cv2.resize(crop, (config.output_size, config.output_size), interpolation=interpolation)
 
-    return PreprocessResult(image, gray, enhanced, mask, crop, output, bbox, dark_background)
+    return PreprocessResult(image, gray, enhanced, mask, crop, output, bbox, dark_background, (left, top))
 
 
 def is_dark_background(gray: np.ndarray) -> bool:
@@ -126,8 +146,7 @@ def is_dark_background(gray: np.ndarray) -> bool:
     """
     # The mean, not the median, is the reference: on a large background the median of the
     # whole image is the background value itself.
-    border = np.concatenate([gray[0, :], gray[-1, :], gray[:, 0], gray[:, -1]])
-    return float(np.median(border)) < float(np.mean(gray))
+    return float(np.median(_border(gray))) < float(np.mean(gray))
 
 
 def otsu_mask(enhanced: np.ndarray, dark_background: bool) -> np.ndarray:
@@ -171,7 +190,8 @@ def crop_bbox(
     """Crop a square around the bounding box with a margin, padding where it leaves the image."""
     x, y, width, height = bbox
     side = int(round(max(width, height) * (1.0 + 2.0 * margin)))
-    return _crop_square(image, x + width / 2.0, y + height / 2.0, side, background)
+    left, top = _square_origin(x + width / 2.0, y + height / 2.0, side)
+    return _crop_square(image, left, top, side, background)
 
 
 def crop_window(
@@ -184,7 +204,8 @@ def crop_window(
     """
     x, y, width, height = bbox
     side = max(window, width, height)
-    return _crop_square(image, x + width / 2.0, y + height / 2.0, side, background)
+    left, top = _square_origin(x + width / 2.0, y + height / 2.0, side)
+    return _crop_square(image, left, top, side, background)
 
 
 def enhance_color(image: np.ndarray, config: PreprocessConfig) -> np.ndarray:
@@ -194,13 +215,31 @@ def enhance_color(image: np.ndarray, config: PreprocessConfig) -> np.ndarray:
     return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
 
 
-def _crop_square(
-    image: np.ndarray, center_x: float, center_y: float, side: int, background: tuple[int, int, int]
-) -> np.ndarray:
+def _segmentation_origin(full_gray: np.ndarray, dark_background: bool, side: int) -> tuple[int, int]:
+    """Return the top-left corner of a ``side`` square centred on the largest plain-Otsu component."""
+    mask = otsu_mask(full_gray, dark_background)
+    count, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if count <= 1:
+        raise BlankImageError("no cell found: the mask is empty after thresholding")
+    index = int(np.argmax(stats[1:, cv2.CC_STAT_AREA])) + 1
+    x, y, width, height = (int(v) for v in stats[index, :4])
+    return _square_origin(x + width / 2.0, y + height / 2.0, side)
+
+
+def _square_origin(center_x: float, center_y: float, side: int) -> tuple[int, int]:
     # floor(x + 0.5) rounds halves the same way at every offset, unlike round(), so a cell
     # shifted on a larger canvas gives the same crop.
-    left = math.floor(center_x - side / 2.0 + 0.5)
-    top = math.floor(center_y - side / 2.0 + 0.5)
+    return math.floor(center_x - side / 2.0 + 0.5), math.floor(center_y - side / 2.0 + 0.5)
+
+
+def _border(image: np.ndarray) -> np.ndarray:
+    return np.concatenate([image[0, :], image[-1, :], image[:, 0], image[:, -1]])
+
+
+def _crop_square(
+    image: np.ndarray, left: int, top: int, side: int, background: int | tuple[int, int, int]
+) -> np.ndarray:
+    """Cut the square at (left, top) with the given side, padding with ``background`` outside the image."""
     height, width = image.shape[:2]
     pad_left, pad_top = max(0, -left), max(0, -top)
     pad_right, pad_bottom = max(0, left + side - width), max(0, top + side - height)
@@ -215,8 +254,7 @@ def _crop_square(
 def _background_color(image: np.ndarray, dark_background: bool) -> tuple[int, int, int]:
     if dark_background:
         return (0, 0, 0)
-    border = np.concatenate([image[0, :], image[-1, :], image[:, 0], image[:, -1]])
-    return tuple(int(v) for v in np.median(border, axis=0))
+    return tuple(int(v) for v in np.median(_border(image), axis=0))
 
 
 def _clahe(config: PreprocessConfig) -> cv2.CLAHE:

@@ -16,6 +16,7 @@ from leukemia.preprocessing.cell import PreprocessResult  # noqa: E402
 def draw_steps(result: PreprocessResult, path: Path, title: str = "") -> None:
     """Save original, gray, CLAHE, mask (with the cell's box), crop and resized output as one PNG."""
     x, y, width, height = result.bbox
+    x, y = x - result.window_origin[0], y - result.window_origin[1]
     mask = cv2.cvtColor(result.mask, cv2.COLOR_GRAY2RGB)
     cv2.rectangle(mask, (x, y), (x + width - 1, y + height - 1), (255, 0, 0), 2)
     background = "dark" if result.dark_background else "bright"

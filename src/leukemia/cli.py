@@ -46,6 +46,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_evaluate(commands)
     _add_predict(commands)
     _add_preprocess(commands)
+    _add_export(commands)
     return parser
 
 
@@ -73,6 +74,13 @@ def _preprocess_config(args: argparse.Namespace):
         window=args.window,
         output_size=args.image_size,
     )
+
+
+def _add_engine_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda (default: auto)")
+    parser.add_argument("--precision", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                        help="backbone precision; auto picks bfloat16 on CPUs with native bfloat16 and on recent "
+                             "GPUs, float16 on other GPUs, else float32 (default: auto)")
 
 
 def _add_common_data_options(parser: argparse.ArgumentParser) -> None:
@@ -106,10 +114,18 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--val-fraction", type=float, default=0.15, help="validation share of images (default: 0.15)")
     parser.add_argument("--test-fraction", type=float, default=0.2,
                         help="test share of images when no labeled test set exists (default: 0.2)")
+    parser.add_argument("--views", type=int, choices=(1, 8), default=1,
+                        help="8 shows each training cell in one of its 8 rotations/flips per epoch (default: 1)")
+    parser.add_argument("--live-backbone", action="store_true",
+                        help="run the frozen backbone at every training step instead of on cached features "
+                             "(slower, same model; for comparison)")
+    parser.add_argument("--loader-workers", type=int, default=0,
+                        help="DataLoader processes that decode cells for the backbone (default: 0; use 4 or more on a GPU)")
     parser.add_argument("--image-level-split", action="store_true",
                         help="split images at random instead of by subject; leaks subjects across splits, so "
                              "results are optimistic (for showing that effect only)")
     _add_common_data_options(parser)
+    _add_engine_options(parser)
     _add_preprocess_options(parser)
     parser.set_defaults(handler=_run_train)
 
@@ -124,7 +140,8 @@ def _run_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, learning_rate=args.lr, patience=args.patience, monitor=args.monitor,
         pos_weight=pos_weight, seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
         image_level_split=args.image_level_split, cache_dir=args.cache_dir, workers=args.workers,
-        preprocess=_preprocess_config(args),
+        views=args.views, live_backbone=args.live_backbone, device=args.device, precision=args.precision,
+        loader_workers=args.loader_workers, preprocess=_preprocess_config(args),
     )
     result = train(config)
     _print_summary(result.run_dir, result.metrics)
@@ -142,6 +159,7 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for the report")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size (default: 32)")
     _add_common_data_options(parser)
+    _add_engine_options(parser)
     parser.set_defaults(handler=_run_evaluate)
 
 
@@ -149,19 +167,22 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from leukemia.evaluation.evaluate import evaluate
 
     metrics = evaluate(args.checkpoint, args.data, args.out, cache_dir=args.cache_dir, workers=args.workers,
-                       batch_size=args.batch_size)
+                       batch_size=args.batch_size, device=args.device, precision=args.precision)
     _print_summary(args.out, metrics)
     return 0
 
 
 def _add_predict(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("predict", help="predict ALL or HEM for images, folders or a CSV of paths")
-    parser.add_argument("checkpoint", type=Path, help="model.pt written by `leukemia train`, or its run directory")
+    parser.add_argument("checkpoint", type=Path,
+                        help="model.pt written by `leukemia train`, its run directory, or an ONNX file from "
+                             "`leukemia export` (run with ONNX Runtime)")
     parser.add_argument("inputs", type=Path, nargs="+",
                         help="image files, folders (searched recursively) or CSV files with a 'path' column")
     parser.add_argument("--out", type=Path, default=None,
                         help="output file, .csv or .json (default: CSV on standard output)")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size (default: 32)")
+    _add_engine_options(parser)
     parser.set_defaults(handler=_run_predict)
 
 
@@ -170,7 +191,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     from leukemia.inference.predictor import Predictor
     from leukemia.data.discovery import parse_subject
 
-    predictor = Predictor(args.checkpoint)
+    predictor = Predictor(args.checkpoint, device=args.device, precision=args.precision)
     paths = collect_input_files(args.inputs)
     results = predictor.predict_files(paths, batch_size=args.batch_size)
     rows = [
@@ -186,8 +207,25 @@ def _run_predict(args: argparse.Namespace) -> int:
     ]
     _write_rows(rows, args.out)
     failed = sum(1 for result in results if result.error)
-    logger.info("%d images classified, %d could not be read%s", len(results) - failed, failed,
+    logger.info("%d images classified with %s, %d could not be read%s", len(results) - failed,
+                predictor.runtime, failed,
                 f"; output: {args.out}" if args.out else "")
+    return 0
+
+
+def _add_export(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("export", help="export a model file for fast inference (ONNX)")
+    parser.add_argument("checkpoint", type=Path, help="model.pt written by `leukemia train`, or its run directory")
+    parser.add_argument("--onnx", type=Path, required=True,
+                        help="ONNX file to write; `leukemia predict FILE.onnx ...` runs it with ONNX Runtime")
+    parser.set_defaults(handler=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from leukemia.inference.export import export_onnx
+
+    path = export_onnx(args.checkpoint, args.onnx)
+    print(f"ONNX model: {path}")
     return 0
 
 

@@ -7,15 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from leukemia.data.discovery import discover
 from leukemia.evaluation.report import Predictions, write_report
 from leukemia.inference.checkpoint import load_checkpoint
+from leukemia.inference.engine import Engine, Precision
 from leukemia.pipeline import environment_record, prepare_cells, write_skipped
 from leukemia.preprocessing.cache import PreprocessCache, default_cache_dir
-from leukemia.training.datasets import CachedCellDataset
+from leukemia.training.features import compute_features
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +27,8 @@ def evaluate(
     cache_dir: Path | None = None,
     workers: int | None = None,
     batch_size: int = 32,
+    device: str = "auto",
+    precision: Precision = "auto",
 ) -> dict:
     """Classify every labeled image under ``data`` and write the report into ``out``.
 
@@ -49,13 +50,10 @@ def evaluate(
                          f"see {out / 'skipped.csv'}")
 
     labels = [sample.label for sample in cells.samples]
-    loader = DataLoader(
-        CachedCellDataset(cache, cells.keys, labels, model.spec.mean, model.spec.std), batch_size=batch_size
-    )
-    probs = []
+    engine = Engine.create(device, precision)
+    features = compute_features(model, cache, cells.keys, engine, batch_size=batch_size)[:, 0]
     with torch.no_grad():
-        for batch, _ in tqdm(loader, desc="evaluate", unit="batch"):
-            probs.append(torch.sigmoid(model(batch)).numpy())
+        probs = [torch.sigmoid(model.forward_head(features)).numpy()]
 
     predictions = Predictions(
         files=[str(sample.path) for sample in cells.samples],

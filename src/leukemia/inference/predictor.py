@@ -1,4 +1,4 @@
-"""Predicting the probability of ALL for cell images with a trained model file."""
+"""Predicting the probability of ALL for cell images with a model file or its ONNX export."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import torch
 
 from leukemia.data.images import ImageReadError, read_image
 from leukemia.inference.checkpoint import load_checkpoint
-from leukemia.preprocessing.cell import BlankImageError, preprocess_cell
+from leukemia.inference.engine import Engine, Precision
+from leukemia.preprocessing.cell import BlankImageError, PreprocessConfig, preprocess_cell
 from leukemia.training.datasets import to_batch_tensor
 
 logger = logging.getLogger(__name__)
@@ -28,21 +29,45 @@ class CellPrediction:
 
 
 class Predictor:
-    """A model file loaded with the preprocessing settings and threshold it was trained with."""
+    """A model loaded with the preprocessing settings and threshold it was trained with.
 
-    def __init__(self, checkpoint: Path | str, *, device: str = "cpu") -> None:
-        self.model, self.metadata = load_checkpoint(checkpoint)
-        self.device = torch.device(device)
-        self.model.to(self.device)
-        self.preprocess = self.metadata["preprocess"]
+    ``checkpoint`` is a ``model.pt`` (or its run directory), run with PyTorch on the engine's
+    device and precision, or an ``.onnx`` file from ``leukemia export``, run with ONNX Runtime.
+    """
+
+    def __init__(self, checkpoint: Path | str, *, device: str = "auto", precision: Precision = "auto") -> None:
+        checkpoint = Path(checkpoint)
+        if checkpoint.suffix.lower() == ".onnx":
+            from leukemia.inference.export import OnnxRunner
+
+            self.onnx = OnnxRunner(checkpoint)
+            self.model = None
+            self.metadata = dict(self.onnx.metadata)
+            self.metadata["preprocess"] = PreprocessConfig.from_dict(self.metadata["preprocess"])
+            self.runtime = "onnxruntime"
+        else:
+            self.onnx = None
+            model, self.metadata = load_checkpoint(checkpoint)
+            self.engine = Engine.create(device, precision)
+            self.model = self.engine.prepare(model)
+            self.runtime = f"torch {self.engine.device.type} {self.engine.precision}"
+        self.preprocess: PreprocessConfig = self.metadata["preprocess"]
         self.threshold = float(self.metadata["threshold"])
+        self.mean = tuple(self.metadata["backbone"]["mean"])
+        self.std = tuple(self.metadata["backbone"]["std"])
 
     @torch.no_grad()
     def predict_images(self, images: list[np.ndarray]) -> np.ndarray:
         """Return the probability of ALL for preprocessed (S, S, 3) uint8 RGB cells."""
-        spec = self.model.spec
-        batch = torch.stack([to_batch_tensor(image, spec.mean, spec.std) for image in images]).to(self.device)
-        return torch.sigmoid(self.model(batch)).float().cpu().numpy()
+        batch = torch.stack([to_batch_tensor(image, self.mean, self.std) for image in images])
+        if self.onnx is not None:
+            return 1.0 / (1.0 + np.exp(-self.onnx.logits(batch.numpy())))
+
+        with self.engine.autocast():
+            features = self.model.forward_features(self.engine.prepare_batch(batch))
+        # The head runs in float32, as in training, whatever the backbone's precision.
+        logits = self.model.forward_head(features.float())
+        return torch.sigmoid(logits).cpu().numpy()
 
     def predict_files(self, paths: list[Path], *, batch_size: int = 32) -> list[CellPrediction]:
         """Preprocess and classify files; unreadable or blank files get an error, not an exception."""

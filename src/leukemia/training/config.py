@@ -23,8 +23,16 @@ class TrainConfig:
         monitor: the validation metric that picks the best checkpoint.
         pos_weight: weight of ALL in the loss; "auto" is n(HEM) / n(ALL) of the training split.
         image_level_split: split images at random instead of by subject (leaks subjects).
+        views: 1 trains on the cells as they are; 8 shows each cell in one of its 8
+            dihedral views (rotations and flips), drawn at random every epoch.
+        live_backbone: run the frozen backbone on the images at every step instead of
+            training on cached features (slower, the same model; for comparison).
+        device: "auto" (CUDA when available), "cpu" or "cuda" for the backbone.
+        precision: "auto", "float32", "bfloat16" or "float16" for the backbone; "auto" picks
+            bfloat16 on CPUs with native support and on recent GPUs, float16 on other GPUs.
         cache_dir: where preprocessed cells and features are cached; None for the default.
         workers: preprocessing processes; None for every core.
+        loader_workers: DataLoader processes that decode cached cells for the backbone.
     """
 
     data: Path
@@ -43,8 +51,13 @@ class TrainConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.2
     image_level_split: bool = False
+    views: int = 1
+    live_backbone: bool = False
+    device: str = "auto"
+    precision: str = "auto"
     cache_dir: Path | None = None
     workers: int | None = None
+    loader_workers: int = 0
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
     def __post_init__(self) -> None:
@@ -54,6 +67,10 @@ class TrainConfig:
             raise ValueError("val_fraction and test_fraction must be between 0 and 1")
         if self.val_fraction + self.test_fraction >= 0.9:
             raise ValueError("val_fraction + test_fraction must leave at least 10 % of the data for training")
+        if self.views not in (1, 8):
+            raise ValueError(f"invalid views {self.views}; use 1 (no augmentation) or 8 (dihedral views)")
+        if self.precision not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"invalid precision {self.precision!r}; use auto, float32, bfloat16 or float16")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be at least 1")
 

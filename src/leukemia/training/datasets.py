@@ -1,12 +1,20 @@
-"""PyTorch datasets over cached preprocessed cells and over cached backbone features."""
+"""PyTorch datasets over cached preprocessed cells and cached backbone features.
+
+Both index samples as ``image_index * n_views + view``, so that a ``ViewSampler`` draws the
+same images in the same views whether the backbone runs live or its features come from the
+cache.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from leukemia.preprocessing.cache import PreprocessCache
+from leukemia.preprocessing.views import dihedral_view
 
 
 def to_batch_tensor(image: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -18,7 +26,10 @@ def to_batch_tensor(image: np.ndarray, mean: tuple[float, ...], std: tuple[float
 
 
 class CachedCellDataset(Dataset):
-    """Preprocessed cells read one at a time from the cache, so an epoch never holds them all."""
+    """Preprocessed cells read one at a time from the cache, so an epoch never holds them all.
+
+    With ``n_views`` of 8, index ``i`` is image ``i // 8`` in dihedral view ``i % 8``.
+    """
 
     def __init__(
         self,
@@ -27,32 +38,68 @@ class CachedCellDataset(Dataset):
         labels: list[int],
         mean: tuple[float, ...],
         std: tuple[float, ...],
+        n_views: int = 1,
     ) -> None:
         self.cache = cache
         self.keys = keys
         self.labels = labels
         self.mean = mean
         self.std = std
+        self.n_views = n_views
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self.keys) * self.n_views
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = self.cache.load(self.keys[index])
-        return to_batch_tensor(image, self.mean, self.std), torch.tensor(float(self.labels[index]))
+        image_index, view = divmod(index, self.n_views)
+        image = dihedral_view(self.cache.load(self.keys[image_index]), view)
+        return to_batch_tensor(image, self.mean, self.std), torch.tensor(float(self.labels[image_index]))
 
 
 class FeatureDataset(Dataset):
-    """Pooled backbone features, (N, D) float32, with float targets."""
+    """Pooled backbone features, (N, V, D) float32 for N images in V views, with float targets."""
 
     def __init__(self, features: torch.Tensor, labels: list[int]) -> None:
+        if features.ndim == 2:
+            features = features.unsqueeze(1)
         if len(features) != len(labels):
             raise ValueError(f"{len(features)} feature rows but {len(labels)} labels")
         self.features = features
+        self.n_views = features.shape[1]
         self.targets = torch.tensor(labels, dtype=torch.float32)
 
     def __len__(self) -> int:
-        return len(self.targets)
+        return len(self.targets) * self.n_views
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.features[index], self.targets[index]
+        image_index, view = divmod(index, self.n_views)
+        return self.features[image_index, view], self.targets[image_index]
+
+
+class ViewSampler(Sampler[int]):
+    """Each epoch, every image once, in shuffled order and in one view drawn at random.
+
+    The draw depends only on the seed and the epoch (Lightning calls ``set_epoch``), so two
+    runs with the same seed see the same views in the same order.
+    """
+
+    def __init__(self, n_images: int, n_views: int, seed: int, shuffle: bool = True) -> None:
+        self.n_images = n_images
+        self.n_views = n_views
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n_images
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.n_images, generator=generator) if self.shuffle else torch.arange(self.n_images)
+        views = torch.randint(0, self.n_views, (self.n_images,), generator=generator)
+        if not self.shuffle:
+            views.zero_()
+        return iter((order * self.n_views + views).tolist())

@@ -1,9 +1,10 @@
-"""Pooled features of a frozen backbone, computed once per cell and cached on disk.
+"""Pooled features of a frozen backbone, computed once per cell and view and cached on disk.
 
 A frozen backbone in eval mode maps each cell to the same vector in every epoch, so running
 it once and training the head on the stored vectors gives the same model as running it live,
-at a fraction of the cost. Entries are keyed by the backbone's weight digest and the cell's
-cache key (which already includes the image bytes and the preprocessing settings).
+at a fraction of the cost. An entry is keyed by the backbone's weight digest, the inference
+engine's precision, and the cell's cache key (which already covers the image bytes and the
+preprocessing settings); it holds a (V, D) float32 tensor for V dihedral views.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from leukemia.inference.engine import Engine
 from leukemia.models.classifier import CellClassifier
 from leukemia.preprocessing.cache import PreprocessCache, write_atomically
 from leukemia.training.datasets import CachedCellDataset
@@ -24,16 +26,17 @@ logger = logging.getLogger(__name__)
 
 
 class FeatureCache:
-    """Feature vectors stored as ``root/features/<backbone digest>/<ab>/<cell key>.pt``."""
+    """Feature tensors stored as ``root/features/<backbone and engine>/<ab>/<cell key>.<V>views.pt``."""
 
-    def __init__(self, root: Path, backbone_digest: str) -> None:
-        self.folder = root / "features" / backbone_digest[:16]
+    def __init__(self, root: Path, backbone_digest: str, engine: Engine) -> None:
+        layout = "channels_last" if engine.channels_last else "contiguous"
+        self.folder = root / "features" / f"{backbone_digest[:16]}-{engine.precision}-{layout}"
 
-    def path(self, key: str) -> Path:
-        return self.folder / key[:2] / f"{key}.pt"
+    def path(self, key: str, n_views: int) -> Path:
+        return self.folder / key[:2] / f"{key}.{n_views}views.pt"
 
-    def load(self, key: str) -> torch.Tensor | None:
-        path = self.path(key)
+    def load(self, key: str, n_views: int) -> torch.Tensor | None:
+        path = self.path(key, n_views)
         if not path.is_file():
             return None
         try:
@@ -45,7 +48,7 @@ class FeatureCache:
     def store(self, key: str, features: torch.Tensor) -> None:
         buffer = io.BytesIO()
         torch.save(features.clone(), buffer)
-        write_atomically(self.path(key), buffer.getvalue())
+        write_atomically(self.path(key, len(features)), buffer.getvalue())
 
 
 @torch.no_grad()
@@ -54,47 +57,52 @@ def extract_features(
     cell_cache: PreprocessCache,
     keys: list[str],
     feature_cache: FeatureCache,
+    engine: Engine,
     *,
+    n_views: int = 1,
     batch_size: int = 32,
     num_workers: int = 0,
-    device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> torch.Tensor:
-    """Return (N, D) float32 features for the cells, computing only those not yet cached."""
-    cached = {key: feature_cache.load(key) for key in dict.fromkeys(keys)}
+    """Return (N, V, D) float32 features for the cells, computing only those not yet cached."""
+    cached = {key: feature_cache.load(key, n_views) for key in dict.fromkeys(keys)}
     missing = [key for key, value in cached.items() if value is None]
 
     # The fork keeps the global random state as it was, so a run that finds every feature in
     # the cache trains exactly like one that computed them (DataLoader draws a seed).
     if missing:
         with torch.random.fork_rng(devices=[]):
-            _compute_missing(
-                model, cell_cache, missing, feature_cache, cached, batch_size, num_workers, device, progress
+            computed = compute_features(
+                model, cell_cache, missing, engine, n_views=n_views, batch_size=batch_size,
+                num_workers=num_workers, progress=progress,
             )
-    logger.info("features: %d computed, %d from the cache", len(missing), len(cached) - len(missing))
-    return torch.stack([cached[key] for key in keys]) if keys else torch.empty(0, model.spec.feature_dim)
+        for key, features in zip(missing, computed):
+            feature_cache.store(key, features)
+            cached[key] = features
+    logger.info("features: %d cells computed, %d from the cache", len(missing), len(cached) - len(missing))
+    if not keys:
+        return torch.empty(0, n_views, model.spec.feature_dim)
+    return torch.stack([cached[key] for key in keys])
 
 
-def _compute_missing(
+@torch.no_grad()
+def compute_features(
     model: CellClassifier,
     cell_cache: PreprocessCache,
-    missing: list[str],
-    feature_cache: FeatureCache,
-    cached: dict[str, torch.Tensor | None],
-    batch_size: int,
-    num_workers: int,
-    device: torch.device | str,
-    progress: bool,
-) -> None:
-    """Run the backbone over the missing cells, storing each vector in both caches."""
-    model.eval().to(device)
-    dataset = CachedCellDataset(cell_cache, missing, [0] * len(missing), model.spec.mean, model.spec.std)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-    position = 0
+    keys: list[str],
+    engine: Engine,
+    *,
+    n_views: int = 1,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Run the backbone over every view of the cells; return (N, V, D) float32 features."""
+    backbone = engine.prepare(model.backbone)
+    dataset = CachedCellDataset(cell_cache, keys, [0] * len(keys), model.spec.mean, model.spec.std, n_views)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=engine.pin_memory)
+    rows = []
     for batch, _ in tqdm(loader, desc="features", unit="batch", disable=not progress):
-        features = model.forward_features(batch.to(device)).float().cpu()
-        for row in features:
-            key = missing[position]
-            feature_cache.store(key, row)
-            cached[key] = row
-            position += 1
+        with engine.autocast():
+            rows.append(backbone(engine.prepare_batch(batch)).float().cpu())
+    return torch.cat(rows).view(len(keys), n_views, -1)

@@ -1,4 +1,4 @@
-"""The LightningModule that trains the classifier's head on cached backbone features."""
+"""The LightningModule that trains the classifier's head on top of a frozen backbone."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from leukemia.evaluation.metrics import compute_metrics
+from leukemia.inference.engine import Engine
 from leukemia.models.classifier import CellClassifier
 
 # Validation metrics logged every epoch; any of them can be named to choose the best checkpoint.
@@ -20,25 +21,46 @@ MONITOR_MODES = {
 }
 
 
-class HeadOnFeatures(L.LightningModule):
-    """Trains ``model.head`` on (features, target) batches with weighted binary cross-entropy.
+class FrozenBackboneModule(L.LightningModule):
+    """Trains ``model.head`` with weighted binary cross-entropy; the backbone stays frozen.
 
-    The backbone stays inside the module, frozen, so that every checkpoint holds the whole
-    classifier and can predict on images directly.
+    Batches hold cached backbone features by default. With ``live_backbone=True`` they hold
+    images, and the backbone runs on them at every step, as a notebook would; both give the
+    same model for the same views. The backbone stays inside the module either way, so that
+    every checkpoint holds the whole classifier.
     """
 
-    def __init__(self, model: CellClassifier, *, learning_rate: float, pos_weight: float) -> None:
+    def __init__(
+        self,
+        model: CellClassifier,
+        *,
+        learning_rate: float,
+        pos_weight: float,
+        live_backbone: bool = False,
+        engine: Engine | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
         self.model.freeze_backbone()
         self.learning_rate = learning_rate
+        self.live_backbone = live_backbone
+        self.engine = engine or Engine.create("cpu", "float32")
         self.loss = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight))
         self._val_logits: list[torch.Tensor] = []
         self._val_targets: list[torch.Tensor] = []
 
+    def head_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Return (B,) logits for a batch of features, or of images in live mode."""
+        if self.live_backbone:
+            with torch.no_grad(), self.engine.autocast():
+                features = self.model.backbone(self.engine.prepare_batch(inputs)).float()
+        else:
+            features = inputs
+        return self.model.forward_head(features)
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_index: int) -> torch.Tensor:
-        features, targets = batch
-        logits = self.model.forward_head(features)
+        inputs, targets = batch
+        logits = self.head_logits(inputs)
         loss = self.loss(logits, targets)
         accuracy = ((logits > 0).float() == targets).float().mean()
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(targets))
@@ -46,8 +68,8 @@ class HeadOnFeatures(L.LightningModule):
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_index: int) -> None:
-        features, targets = batch
-        self._val_logits.append(self.model.forward_head(features).detach().cpu())
+        inputs, targets = batch
+        self._val_logits.append(self.head_logits(inputs).detach().cpu())
         self._val_targets.append(targets.detach().cpu())
 
     def on_validation_epoch_end(self) -> None:
@@ -62,9 +84,9 @@ class HeadOnFeatures(L.LightningModule):
             {
                 "val_loss": self.loss(logits, targets),
                 "val_accuracy": metrics["accuracy"],
-                "val_balanced_accuracy": metrics["balanced_accuracy"],
+                "val_balanced_accuracy": metrics["balanced_accuracy"] or 0.0,
                 "val_f1_weighted": metrics["f1_weighted"],
-                # NaN when validation holds one class; NaN would break checkpoint comparison.
+                # Undefined when validation holds one class; NaN would break checkpoint comparison.
                 "val_roc_auc": roc_auc if roc_auc is not None and np.isfinite(roc_auc) else 0.0,
             },
             prog_bar=True,

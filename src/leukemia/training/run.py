@@ -20,14 +20,15 @@ from leukemia.data.discovery import DataSet, Sample, discover
 from leukemia.data.splits import LEAKAGE_WARNING, Split, check_subject_disjoint, make_split
 from leukemia.evaluation.report import Predictions, write_report
 from leukemia.inference.checkpoint import save_checkpoint
-from leukemia.models.backbones import create_backbone, weights_digest
+from leukemia.inference.engine import Engine
+from leukemia.models.backbones import BackboneSpec, create_backbone, weights_digest
 from leukemia.models.classifier import CellClassifier
 from leukemia.pipeline import PreparedCells, environment_record, prepare_cells, write_skipped
 from leukemia.preprocessing.cache import PreprocessCache, default_cache_dir, write_atomically
 from leukemia.training.config import TrainConfig
-from leukemia.training.datasets import FeatureDataset
-from leukemia.training.features import FeatureCache, extract_features
-from leukemia.training.module import MONITOR_MODES, HeadOnFeatures
+from leukemia.training.datasets import CachedCellDataset, FeatureDataset, ViewSampler
+from leukemia.training.features import FeatureCache, compute_features, extract_features
+from leukemia.training.module import MONITOR_MODES, FrozenBackboneModule
 
 logger = logging.getLogger(__name__)
 
@@ -69,23 +70,37 @@ def train(config: TrainConfig) -> TrainResult:
     split.write_csv(run_dir / "split.csv")
     _log_split(split)
 
-    # Model and features: the frozen backbone runs once per cell, never per epoch.
+    # Model and features: the frozen backbone runs once per cell and view, never per epoch.
     weights = None if config.weights == "none" else config.weights
     backbone, spec = create_backbone(config.backbone, weights=weights)
     model = CellClassifier(backbone, spec, hidden=config.hidden, dropout=config.dropout)
     model.freeze_backbone()
-    feature_cache = FeatureCache(cache.root, weights_digest(model.backbone) + cache.config.digest())
-    key_by_path = dict(zip((s.path for s in cells.samples), cells.keys))
-    features = {
-        name: extract_features(model, cache, [key_by_path[s.path] for s in samples], feature_cache)
-        for name, samples in split.parts().items()
-    }
+    engine = Engine.create(config.device, config.precision)
+    logger.info("backbone %s on %s in %s", spec.name, engine.device, engine.precision)
+    keys = _keys_by_split(split, cells)
+    if config.live_backbone:
+        inputs = None
+    else:
+        feature_cache = FeatureCache(cache.root, weights_digest(model.backbone) + cache.config.digest(), engine)
+        inputs = {
+            name: extract_features(model, cache, split_keys, feature_cache, engine,
+                                   n_views=config.views if name == "train" else 1, batch_size=config.batch_size,
+                                   num_workers=config.loader_workers)
+            for name, split_keys in keys.items()
+        }
 
     # Training: Lightning runs the loop, keeps the best and last checkpoints, stops early.
-    module = HeadOnFeatures(model, learning_rate=config.learning_rate, pos_weight=_pos_weight(config, split.train))
-    trainer, checkpoint_callback = _build_trainer(config, run_dir)
-    trainer.fit(module, *_loaders(config, split, features))
+    module = FrozenBackboneModule(
+        model, learning_rate=config.learning_rate, pos_weight=_pos_weight(config, split.train),
+        live_backbone=config.live_backbone, engine=engine,
+    )
+    trainer, checkpoint_callback = _build_trainer(config, run_dir, engine)
+    trainer.fit(module, *_loaders(config, split, keys, cache, spec, inputs, engine))
     _restore_best(module, checkpoint_callback)
+    if inputs is None:
+        # Evaluation below reads features; the live run computes them once now, view 0 only.
+        inputs = {name: compute_features(model, cache, split_keys, engine, batch_size=config.batch_size)
+                  for name, split_keys in keys.items() if name != "train"}
 
     # Evaluation and the self-contained model file.
     threshold = 0.5
@@ -96,8 +111,8 @@ def train(config: TrainConfig) -> TrainResult:
     )
     metrics = write_report(
         run_dir,
-        _predict_features(model, split.test, features["test"], threshold),
-        validation=_predict_features(model, split.val, features["val"], threshold),
+        _predict_features(model, split.test, inputs["test"][:, 0], threshold),
+        validation=_predict_features(model, split.val, inputs["val"][:, 0], threshold),
         header_lines=() if split.subject_level else (LEAKAGE_WARNING,),
         extra=_run_record(config, dataset, split, cells, checkpoint_callback),
         history_csv=run_dir / "logs" / "metrics.csv",
@@ -141,7 +156,12 @@ def _pos_weight(config: TrainConfig, train_samples: list[Sample]) -> float:
     return counts[0] / counts[1]
 
 
-def _build_trainer(config: TrainConfig, run_dir: Path) -> tuple[L.Trainer, ModelCheckpoint]:
+def _keys_by_split(split: Split, cells: PreparedCells) -> dict[str, list[str]]:
+    key_by_path = dict(zip((sample.path for sample in cells.samples), cells.keys))
+    return {name: [key_by_path[sample.path] for sample in samples] for name, samples in split.parts().items()}
+
+
+def _build_trainer(config: TrainConfig, run_dir: Path, engine: Engine) -> tuple[L.Trainer, ModelCheckpoint]:
     checkpoint_callback = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best",
@@ -155,7 +175,8 @@ def _build_trainer(config: TrainConfig, run_dir: Path) -> tuple[L.Trainer, Model
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
     trainer = L.Trainer(
         max_epochs=config.epochs,
-        accelerator="cpu",  # the head on cached features is too small to gain from a GPU
+        # The head alone is too small to gain from a GPU; a live backbone runs where the engine is.
+        accelerator=engine.device.type if config.live_backbone else "cpu",
         devices=1,
         callbacks=[checkpoint_callback, early_stopping],
         logger=CSVLogger(run_dir, name="logs", version=""),
@@ -166,17 +187,39 @@ def _build_trainer(config: TrainConfig, run_dir: Path) -> tuple[L.Trainer, Model
     return trainer, checkpoint_callback
 
 
-def _loaders(config: TrainConfig, split: Split, features: dict[str, torch.Tensor]) -> tuple[DataLoader, DataLoader]:
-    generator = torch.Generator().manual_seed(config.seed)
-    train = FeatureDataset(features["train"], [s.label for s in split.train])
-    val = FeatureDataset(features["val"], [s.label for s in split.val])
+def _loaders(
+    config: TrainConfig,
+    split: Split,
+    keys: dict[str, list[str]],
+    cache: PreprocessCache,
+    spec: BackboneSpec,
+    features: dict[str, torch.Tensor] | None,
+    engine: Engine,
+) -> tuple[DataLoader, DataLoader]:
+    """Return train and validation loaders of cached features, or of cached cells in live mode.
+
+    Both kinds index ``image * views + view`` and draw through the same ``ViewSampler``, so
+    the same seed gives the same cells in the same views and order.
+    """
+    train_labels = [sample.label for sample in split.train]
+    val_labels = [sample.label for sample in split.val]
+    if features is None:
+        train = CachedCellDataset(cache, keys["train"], train_labels, spec.mean, spec.std, config.views)
+        val = CachedCellDataset(cache, keys["val"], val_labels, spec.mean, spec.std)
+    else:
+        train = FeatureDataset(features["train"], train_labels)
+        val = FeatureDataset(features["val"], val_labels)
+
+    options = dict(num_workers=config.loader_workers, pin_memory=engine.pin_memory and features is None,
+                   persistent_workers=config.loader_workers > 0)
+    sampler = ViewSampler(len(split.train), config.views, config.seed)
     return (
-        DataLoader(train, batch_size=config.batch_size, shuffle=True, generator=generator),
-        DataLoader(val, batch_size=256),
+        DataLoader(train, batch_size=config.batch_size, sampler=sampler, **options),
+        DataLoader(val, batch_size=config.batch_size if features is None else 256, **options),
     )
 
 
-def _restore_best(module: HeadOnFeatures, checkpoint_callback: ModelCheckpoint) -> None:
+def _restore_best(module: FrozenBackboneModule, checkpoint_callback: ModelCheckpoint) -> None:
     """Load the best checkpoint's weights into the module (the last epoch's are in it now)."""
     best_path = checkpoint_callback.best_model_path
     if not best_path:

@@ -30,9 +30,11 @@ class PreparedCells:
     skipped: list[tuple[Path, str]]
 
 
-def prepare_cells(samples: list[Sample], cache: PreprocessCache, *, workers: int | None) -> PreparedCells:
+def prepare_cells(
+    samples: list[Sample], cache: PreprocessCache, *, workers: int | None, progress: bool = True
+) -> PreparedCells:
     """Preprocess the samples into the cache; drop, and record, the ones that fail."""
-    outcomes = preprocess_files([sample.path for sample in samples], cache, workers=workers)
+    outcomes = preprocess_files([sample.path for sample in samples], cache, workers=workers, progress=progress)
     kept, keys, skipped = [], [], []
     for sample, outcome in zip(samples, outcomes):
         if outcome.key is None:

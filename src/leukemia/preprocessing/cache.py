@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import multiprocessing
 import os
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
@@ -114,14 +115,27 @@ def preprocess_files(
         outcomes = list(tqdm(results, total=len(jobs), desc="preprocess", unit="img", disable=not progress))
     else:
         chunksize = max(1, min(32, len(jobs) // (workers * 4)))
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            results = pool.map(_preprocess_one, jobs, chunksize=chunksize)
-            outcomes = list(tqdm(results, total=len(jobs), desc="preprocess", unit="img", disable=not progress))
+        # Workers are forked with one OpenCV thread each: the processes already use every core,
+        # and OpenCV's own threads on top only add contention. The setting must be made before
+        # the fork, because changing it inside a forked child can hang on the copied thread pool.
+        opencv_threads = cv2.getNumThreads()
+        cv2.setNumThreads(1)
+        try:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=_fork_context()) as pool:
+                results = pool.map(_preprocess_one, jobs, chunksize=chunksize)
+                outcomes = list(tqdm(results, total=len(jobs), desc="preprocess", unit="img", disable=not progress))
+        finally:
+            cv2.setNumThreads(opencv_threads)
 
     for outcome in outcomes:
         if outcome.error is not None:
             logger.warning("skipped %s: %s", outcome.path, outcome.error)
     return outcomes
+
+
+def _fork_context() -> multiprocessing.context.BaseContext | None:
+    """Return the fork context where the platform has one (Linux), else the default (spawn)."""
+    return multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() else None
 
 
 def _preprocess_one(job: tuple[Path, Path, PreprocessConfig]) -> PreprocessOutcome:

@@ -33,6 +33,7 @@ class TrainConfig:
         cache_dir: where preprocessed cells and features are cached; None for the default.
         workers: preprocessing processes; None for every core.
         loader_workers: DataLoader processes that decode cached cells for the backbone.
+        progress: show progress bars.
     """
 
     data: Path
@@ -58,6 +59,7 @@ class TrainConfig:
     cache_dir: Path | None = None
     workers: int | None = None
     loader_workers: int = 0
+    progress: bool = True
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
     def __post_init__(self) -> None:

@@ -57,7 +57,7 @@ def train(config: TrainConfig) -> TrainResult:
     dataset = discover(config.data)
     logger.info("found %s: %s (layout: %s)", config.data, dataset.counts(), dataset.layout)
     cache = PreprocessCache(config.cache_dir or default_cache_dir(), config.preprocess)
-    cells = prepare_cells(dataset.labeled, cache, workers=config.workers)
+    cells = prepare_cells(dataset.labeled, cache, workers=config.workers, progress=config.progress)
     write_skipped(run_dir / "skipped.csv", cells.skipped)
     split = make_split(
         cells.samples,
@@ -85,7 +85,7 @@ def train(config: TrainConfig) -> TrainResult:
         inputs = {
             name: extract_features(model, cache, split_keys, feature_cache, engine,
                                    n_views=config.views if name == "train" else 1, batch_size=config.batch_size,
-                                   num_workers=config.loader_workers)
+                                   num_workers=config.loader_workers, progress=config.progress)
             for name, split_keys in keys.items()
         }
 
@@ -99,7 +99,8 @@ def train(config: TrainConfig) -> TrainResult:
     _restore_best(module, checkpoint_callback)
     if inputs is None:
         # Evaluation below reads features; the live run computes them once now, view 0 only.
-        inputs = {name: compute_features(model, cache, split_keys, engine, batch_size=config.batch_size)
+        inputs = {name: compute_features(model, cache, split_keys, engine, batch_size=config.batch_size,
+                                         progress=config.progress)
                   for name, split_keys in keys.items() if name != "train"}
 
     # Evaluation and the self-contained model file.
@@ -183,6 +184,7 @@ def _build_trainer(config: TrainConfig, run_dir: Path, engine: Engine) -> tuple[
         deterministic=True,
         log_every_n_steps=1,
         enable_model_summary=False,
+        enable_progress_bar=config.progress,
     )
     return trainer, checkpoint_callback
 

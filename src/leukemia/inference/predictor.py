@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +87,31 @@ class Predictor:
         if pending:
             self._classify(pending)
         return results
+
+    def explain_files(self, paths: list[Path], *, batch_size: int = 8) -> Iterator[np.ndarray]:
+        """Return an iterator over the Grad-CAM overlays of the ALL logit on each file's cell, in order.
+
+        Each overlay is (S, S, 3) uint8 RGB with S the preprocessing output size. Pass the files
+        that ``predict_files`` classified; the model is not changed.
+
+        Raises:
+            ValueError: at once, when the predictor runs an ONNX file, which has no gradients.
+            ImageReadError: while iterating, when a file cannot be read.
+            BlankImageError: while iterating, when a file holds no cell.
+        """
+        if self.model is None:
+            raise ValueError("Grad-CAM needs the PyTorch model file (model.pt), not an ONNX export; "
+                             "pass the run directory or its model.pt")
+        return self._explain(paths, batch_size)
+
+    def _explain(self, paths: list[Path], batch_size: int) -> Iterator[np.ndarray]:
+        # Imported here so that predicting without explanations does not load pytorch_grad_cam.
+        from leukemia.explain.gradcam import gradcam_overlays
+
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start:start + batch_size]
+            cells = [preprocess_cell(read_image(path), self.preprocess).output for path in chunk]
+            yield from gradcam_overlays(self.model, cells, batch_size=batch_size)
 
     def _classify(self, pending: list[tuple[CellPrediction, np.ndarray]]) -> None:
         probs = self.predict_images([image for _, image in pending])

@@ -152,8 +152,11 @@ def _create_timm(name: str, weights: str | Path | None) -> tuple[nn.Module, Back
         source = f"file sha256:{_file_sha256(path)[:16]}"
 
     config = model.pretrained_cfg
+    # With num_classes=0 a timm model returns its pre-logits, whose width is head_hidden_size
+    # where the model has one (MobileNetV3: 1024 against 288 backbone channels).
+    feature_dim = getattr(model, "head_hidden_size", None) or model.num_features
     spec = BackboneSpec(
-        name, model.num_features, config["input_size"][-1], tuple(config["mean"]), tuple(config["std"]), source
+        name, feature_dim, config["input_size"][-1], tuple(config["mean"]), tuple(config["std"]), source
     )
     return model, spec
 

@@ -65,7 +65,7 @@ def test_predict_folder_and_csv_to_json(run_dir, tmp_path):
 def test_evaluate_writes_report(run_dir, tmp_path):
     out = tmp_path / "eval"
 
-    code = main(["evaluate", str(run_dir / "model.pt"), "--data", str(SAMPLE), "--out", str(out),
+    code = main(["evaluate", str(run_dir / "model.pt"), "--data", str(SAMPLE), "--out", str(out), "--allow-overlap",
                  "--cache-dir", str(tmp_path / "cache"), "--workers", "1"])
 
     metrics = json.loads((out / "metrics.json").read_text())

@@ -51,7 +51,7 @@ def test_jpeg_close_to_source(tmp_path, image_writer, suffix):
 
 
 def test_rgb_channel_order(tmp_path, image_writer):
-    path = image_writer(tmp_path / "red.png", np.full((8, 8, 3), (200, 10, 20), np.uint8))
+    path = image_writer(tmp_path / "red.png", np.full((32, 32, 3), (200, 10, 20), np.uint8))
 
     image = read_image(path)
 
@@ -59,12 +59,12 @@ def test_rgb_channel_order(tmp_path, image_writer):
 
 
 def test_grayscale_repeated_to_rgb(tmp_path, image_writer):
-    gray = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    gray = (np.arange(32 * 32) % 256).astype(np.uint8).reshape(32, 32)
     path = image_writer(tmp_path / "gray.png", gray)
 
     image = read_image(path)
 
-    assert image.shape == (8, 8, 3)
+    assert image.shape == (32, 32, 3)
     for channel in range(3):
         assert np.array_equal(image[:, :, channel], gray)
 
@@ -82,20 +82,21 @@ def test_rgba_alpha_dropped(tmp_path, image_writer):
 
 def test_png_16_bit_scaled(tmp_path, image_writer):
     values = np.array([[0, 257, 257 * 100], [257 * 200, 65535, 65535]], np.uint16)
-    path = image_writer(tmp_path / "deep.png", np.dstack([values, values, values]))
+    tiled = np.tile(values, (16, 11))  # 32 x 33, above the 32-pixel minimum
+    path = image_writer(tmp_path / "deep.png", np.dstack([tiled, tiled, tiled]))
 
     image = read_image(path)
 
     assert image.dtype == np.uint8
-    assert image[:, :, 0].tolist() == [[0, 1, 100], [200, 255, 255]]
+    assert image[:2, :3, 0].tolist() == [[0, 1, 100], [200, 255, 255]]
 
 
 def test_gray_png_16_bit_scaled(tmp_path, image_writer):
-    path = image_writer(tmp_path / "deep_gray.png", np.full((4, 4), 257 * 42, np.uint16))
+    path = image_writer(tmp_path / "deep_gray.png", np.full((32, 32), 257 * 42, np.uint16))
 
     image = read_image(path)
 
-    assert image.shape == (4, 4, 3)
+    assert image.shape == (32, 32, 3)
     assert image.dtype == np.uint8
     assert np.all(image == 42)
 

@@ -142,15 +142,40 @@ def discover(root: Path | str) -> DataSet:
             f"{unlabeled_outside_tests} images under {root} are not in an all/ or hem/ folder "
             "nor in a labeled test set; they are not used for training or evaluation"
         )
+    warnings.extend(_mixed_label_warnings(samples, root))
     for message in warnings:
         logger.warning(message)
     return dataset
 
 
+def _mixed_label_warnings(samples: list[Sample], where: Path) -> list[str]:
+    """Return a warning naming the subjects that have images of both classes, if any.
+
+    A subject is one patient with one diagnosis, so such a subject points to misplaced files
+    or wrong labels. The subject split keeps it on one side, with both classes there.
+    """
+    labels_by_subject: dict[str, set[int]] = {}
+    for sample in samples:
+        if sample.subject is not None and sample.label is not None:
+            labels_by_subject.setdefault(sample.subject, set()).add(sample.label)
+    mixed = sorted(subject for subject, labels in labels_by_subject.items() if len(labels) > 1)
+    if not mixed:
+        return []
+    return [
+        f"subject(s) {', '.join(mixed)} in {where} have images labeled both ALL and HEM; one subject is "
+        "one patient with one diagnosis, so check the folders or labels of these images"
+    ]
+
+
 def _list_image_files(root: Path) -> list[Path]:
-    """List image files under root, following symbolic links once and skipping loops."""
+    """List image files under root, following symbolic links once and skipping loops.
+
+    A class folder (all/, hem/) without any image below it is logged, because it usually
+    means a copy that went wrong.
+    """
     found: list[Path] = []
     visited_dirs: set[str] = set()
+    class_dirs: list[Path] = []
     for dir_path, dir_names, file_names in os.walk(root, followlinks=True):
         real_dir = os.path.realpath(dir_path)
         if real_dir in visited_dirs:
@@ -159,10 +184,18 @@ def _list_image_files(root: Path) -> list[Path]:
             continue
         visited_dirs.add(real_dir)
         dir_names.sort()
+        if Path(dir_path).name.lower() in LABEL_BY_NAME:
+            class_dirs.append(Path(dir_path))
         for name in sorted(file_names):
             path = Path(dir_path) / name
             if is_image_file(path) and not name.startswith("."):
                 found.append(path)
+
+    with_images = {parent for path in found for parent in path.parents}
+    for class_dir in class_dirs:
+        if class_dir not in with_images:
+            logger.warning("the class folder %s contains no image file (BMP, PNG, JPEG or TIFF); "
+                           "check that its images were copied", class_dir)
     return found
 
 
@@ -249,6 +282,7 @@ def _read_manifest(csv_path: Path) -> DataSet:
         subject = (row.get("subject") or "").strip() or parse_subject(path.name)
         samples.append(Sample(path, parse_label(row["label"], where=where), subject, "manifest"))
 
+    warnings.extend(_mixed_label_warnings(samples, csv_path))
     for message in warnings:
         logger.warning(message)
     if not samples:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from leukemia.data.discovery import discover
+from leukemia.data.discovery import DataSet, discover
+from leukemia.evaluation.html_report import write_html_report
 from leukemia.evaluation.report import Predictions, write_report
 from leukemia.inference.checkpoint import load_checkpoint
 from leukemia.inference.engine import Engine, Precision
@@ -29,17 +31,27 @@ def evaluate(
     batch_size: int = 32,
     device: str = "auto",
     precision: Precision = "auto",
+    allow_overlap: bool = False,
 ) -> dict:
     """Classify every labeled image under ``data`` and write the report into ``out``.
 
     Preprocessing settings, normalisation and threshold come from the model file, never from
     arguments, so evaluation preprocesses exactly as training did.
+
+    When the model's run directory holds split.csv, the subjects of its training and
+    validation splits must not appear in ``data``: a model scores better on patients it has
+    seen. ``allow_overlap`` evaluates anyway and says so in the report's first line.
+
+    Raises:
+        ValueError: ``data`` holds no labeled image, or shares subjects with the model's
+            training or validation split and ``allow_overlap`` is False.
     """
     model, metadata = load_checkpoint(checkpoint)
     dataset = discover(data)
     if not dataset.labeled:
         raise ValueError(f"{data} holds no labeled image; evaluation needs images in all/ and hem/ folders "
                          "or a labeled CSV manifest")
+    header_lines = _check_subject_overlap(Path(metadata["path"]), dataset, allow_overlap=allow_overlap)
     out.mkdir(parents=True, exist_ok=True)
 
     cache = PreprocessCache(cache_dir or default_cache_dir(), metadata["preprocess"])
@@ -75,4 +87,37 @@ def evaluate(
         },
         "environment": environment_record(),
     }
-    return write_report(out, predictions, extra=extra)
+    metrics = write_report(out, predictions, header_lines=header_lines, extra=extra)
+    write_html_report(out, model=model, preprocess=metadata["preprocess"])
+    return metrics
+
+
+def _check_subject_overlap(model_path: Path, dataset: DataSet, *, allow_overlap: bool) -> tuple[str, ...]:
+    """Compare the data's subjects with the training and validation subjects in the run's split.csv.
+
+    Returns the report's header lines: a warning when subjects are shared and allowed.
+    """
+    split_csv = model_path.parent / "split.csv"
+    if not split_csv.is_file():
+        logger.warning("no split.csv next to %s, so whether its training subjects are in the evaluation data "
+                       "cannot be checked", model_path)
+        return ()
+    with open(split_csv, newline="", encoding="utf-8") as handle:
+        seen = {row["subject"] for row in csv.DictReader(handle) if row["split"] in ("train", "val") and row["subject"]}
+    shared = sorted(seen & {sample.subject for sample in dataset.labeled if sample.subject})
+    if not shared:
+        return ()
+
+    listed = ", ".join(shared[:20]) + (f" and {len(shared) - 20} more" if len(shared) > 20 else "")
+    if not allow_overlap:
+        raise ValueError(
+            f"{dataset.root} shares {len(shared)} subject(s) with the training or validation split of {model_path} "
+            f"({listed}; see {split_csv}); the model has seen these patients, so its metrics would be optimistic. "
+            "Evaluate on subjects the model never saw (such as its test split), or pass --allow-overlap to "
+            "evaluate anyway with a warning in the report"
+        )
+    logger.warning("evaluating on %d subject(s) from the model's training or validation split: %s", len(shared), listed)
+    return (
+        f"WARNING: {len(shared)} subject(s) of this data set ({listed}) were in the model's training or "
+        "validation split; these results are optimistic because the model has seen these patients.",
+    )

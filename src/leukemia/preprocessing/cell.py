@@ -107,7 +107,10 @@ def preprocess_cell(image: np.ndarray, config: PreprocessConfig = PreprocessConf
     # Gray image and background polarity.
     full_gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
     if int(full_gray.max()) - int(full_gray.min()) < 2:
-        raise BlankImageError(f"the image is uniform (every pixel is about {int(full_gray.mean())})")
+        raise BlankImageError(
+            f"the image is uniform (every pixel is about {int(full_gray.mean())}), so it shows no cell; "
+            "check the file or remove it from the data"
+        )
     dark_background = is_dark_background(full_gray)
 
     # Segmentation window: a square of fixed side around the cell's rough position, so that

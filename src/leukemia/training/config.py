@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from leukemia.preprocessing.cell import PreprocessConfig
 from leukemia.training.module import MONITOR_MODES
+
+# Lightning strategies for processes started by an external launcher (torchrun, srun). Those
+# that start processes themselves (ddp_spawn, ddp_fork) would rerun only the training step,
+# not the job around it, and sharded ones (fsdp, deepspeed) bring nothing to a small head.
+STRATEGIES = ("auto", "ddp")
 
 
 @dataclass
@@ -33,6 +38,11 @@ class TrainConfig:
         cache_dir: where preprocessed cells and features are cached; None for the default.
         workers: preprocessing processes; None for every core.
         loader_workers: DataLoader processes that decode cached cells for the backbone.
+        devices: processes per node for Lightning's Trainer; "auto" is the number the
+            launcher (torchrun or srun) started on each node, or 1 without a launcher.
+        num_nodes: nodes the launcher started processes on.
+        strategy: Lightning's strategy: "auto", or "ddp" (each process trains on its share
+            of the training cells each epoch; gradients are averaged across processes).
         progress: show progress bars.
     """
 
@@ -59,6 +69,9 @@ class TrainConfig:
     cache_dir: Path | None = None
     workers: int | None = None
     loader_workers: int = 0
+    devices: int | str = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
     progress: bool = True
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
@@ -75,6 +88,13 @@ class TrainConfig:
             raise ValueError(f"invalid precision {self.precision!r}; use auto, float32, bfloat16 or float16")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be at least 1")
+        if self.devices != "auto" and (isinstance(self.devices, bool) or not isinstance(self.devices, int)
+                                       or self.devices < 1):
+            raise ValueError(f"invalid devices {self.devices!r}; use a whole number of at least 1, or 'auto'")
+        if self.num_nodes < 1:
+            raise ValueError(f"invalid num_nodes {self.num_nodes}; use 1 or more")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"invalid strategy {self.strategy!r}; use one of {', '.join(STRATEGIES)}")
 
     def to_dict(self) -> dict:
         """Return the settings as plain JSON-compatible values."""
@@ -82,3 +102,21 @@ class TrainConfig:
         for key in ("data", "out", "cache_dir"):
             values[key] = None if values[key] is None else str(values[key])
         return values
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """Rebuild the settings written by ``to_dict`` (a run directory's config.json).
+
+        Raises:
+            ValueError: a setting is unknown to this version, or invalid.
+        """
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown training setting(s) {', '.join(unknown)}; the run was written by another version")
+        values = dict(values)
+        for key in ("data", "out", "cache_dir"):
+            if values.get(key) is not None:
+                values[key] = Path(values[key])
+        if isinstance(values.get("preprocess"), dict):
+            values["preprocess"] = PreprocessConfig.from_dict(values["preprocess"])
+        return cls(**values)

@@ -28,6 +28,11 @@ class FrozenBackboneModule(L.LightningModule):
     images, and the backbone runs on them at every step, as a notebook would; both give the
     same model for the same views. The backbone stays inside the module either way, so that
     every checkpoint holds the whole classifier.
+
+    With a ``seed``, the random state (dropout) is set from the seed and the step before every
+    training step, so a run resumed from a checkpoint trains exactly like one never stopped:
+    Lightning's checkpoints do not hold the random state, and on resume the DataLoader draws
+    its seed from it at another moment than in an uninterrupted run.
     """
 
     def __init__(
@@ -38,9 +43,11 @@ class FrozenBackboneModule(L.LightningModule):
         pos_weight: float,
         live_backbone: bool = False,
         engine: Engine | None = None,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         self.model = model
+        self.seed = seed
         self.model.freeze_backbone()
         self.learning_rate = learning_rate
         self.live_backbone = live_backbone
@@ -63,8 +70,10 @@ class FrozenBackboneModule(L.LightningModule):
         logits = self.head_logits(inputs)
         loss = self.loss(logits, targets)
         accuracy = ((logits > 0).float() == targets).float().mean()
-        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(targets))
-        self.log("train_accuracy", accuracy, on_step=False, on_epoch=True, batch_size=len(targets))
+        # sync_dist averages over DDP ranks, each of which trains on its own share of the cells.
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(targets),
+                 sync_dist=True)
+        self.log("train_accuracy", accuracy, on_step=False, on_epoch=True, batch_size=len(targets), sync_dist=True)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_index: int) -> None:
@@ -101,3 +110,8 @@ class FrozenBackboneModule(L.LightningModule):
         # while the frozen backbone keeps its batch-norm statistics fixed.
         self.model.head.train()
         self.model.backbone.eval()
+
+    def on_train_batch_start(self, batch: tuple[torch.Tensor, torch.Tensor], batch_index: int) -> None:
+        if self.seed is not None:
+            # The rank term gives DDP ranks different dropout masks; it is 0 in one process.
+            torch.manual_seed(self.seed * 1_000_003 + self.global_step + 7_919 * self.global_rank)

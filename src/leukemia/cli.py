@@ -47,6 +47,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_predict(commands)
     _add_preprocess(commands)
     _add_export(commands)
+    _add_app(commands)
     return parser
 
 
@@ -91,9 +92,16 @@ def _add_common_data_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_train(commands: argparse._SubParsersAction) -> None:
+    from functools import partial
+
     parser = commands.add_parser("train", help="the main job: preprocess, split by subject, train, evaluate")
-    parser.add_argument("--data", type=Path, required=True, help="data folder (any supported layout) or CSV manifest")
-    parser.add_argument("--out", type=Path, required=True, help="run directory to create; must be new or empty")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="data folder (any supported layout) or CSV manifest (required unless --resume)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="run directory to create; must be new or empty (required unless --resume)")
+    parser.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                        help="continue an interrupted run from RUN_DIR/checkpoints/last.ckpt with the settings in "
+                             "RUN_DIR/config.json; only --cache-dir and --workers may be given with it")
     parser.add_argument("--backbone", default="resnet50",
                         help="resnet50 (torchvision ImageNet weights, downloaded on first use), "
                              "efficientnet_lite0 (offline ImageNet weights from the [offline] extra), "
@@ -124,15 +132,41 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--image-level-split", action="store_true",
                         help="split images at random instead of by subject; leaks subjects across splits, so "
                              "results are optimistic (for showing that effect only)")
+    group = parser.add_argument_group(
+        "processes", "several processes (CPU processes or GPUs, on one or more nodes) are started by torchrun or "
+                     "srun, e.g. torchrun --nproc-per-node 4 -m leukemia.cli train ... --strategy ddp")
+    group.add_argument("--devices", type=_devices_value, default="auto",
+                       help="training processes per node; auto takes the number torchrun or srun started, or 1 "
+                            "without a launcher (default: auto)")
+    group.add_argument("--num-nodes", type=int, default=1, help="nodes the launcher started processes on (default: 1)")
+    group.add_argument("--strategy", choices=("auto", "ddp"), default="auto",
+                       help="Lightning strategy; ddp trains each process on its share of the training cells "
+                            "(default: auto, which is ddp with several processes)")
     _add_common_data_options(parser)
     _add_engine_options(parser)
     _add_preprocess_options(parser)
-    parser.set_defaults(handler=_run_train)
+    # The defaults show which options were given, because --resume rejects most of them.
+    parser.set_defaults(handler=partial(_run_train, defaults=vars(parser.parse_args([]))))
 
 
-def _run_train(args: argparse.Namespace) -> int:
+def _run_train(args: argparse.Namespace, defaults: dict | None = None) -> int:
+    from leukemia import distributed
     from leukemia.training.config import TrainConfig
-    from leukemia.training.run import train
+    from leukemia.training.run import resume_training, train
+
+    if args.resume is not None:
+        # Settings come from the run's config.json; only options that leave the results unchanged may differ.
+        given = [f"--{name.replace('_', '-')}" for name, value in (defaults or {}).items()
+                 if name not in ("resume", "cache_dir", "workers") and getattr(args, name) != value]
+        if given:
+            raise ValueError(f"--resume continues {args.resume} with the settings in its config.json; drop "
+                             f"{', '.join(given)} (only --cache-dir and --workers may be given with --resume)")
+        result = resume_training(args.resume, cache_dir=args.cache_dir, workers=args.workers)
+        if distributed.is_main():
+            _print_train_summary(result)
+        return 0
+    if args.data is None or args.out is None:
+        raise ValueError("leukemia train needs --data and --out, or --resume RUN_DIR to continue an interrupted run")
 
     pos_weight = args.pos_weight if args.pos_weight == "auto" else float(args.pos_weight)
     config = TrainConfig(
@@ -141,15 +175,30 @@ def _run_train(args: argparse.Namespace) -> int:
         pos_weight=pos_weight, seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
         image_level_split=args.image_level_split, cache_dir=args.cache_dir, workers=args.workers,
         views=args.views, live_backbone=args.live_backbone, device=args.device, precision=args.precision,
-        loader_workers=args.loader_workers, preprocess=_preprocess_config(args),
+        loader_workers=args.loader_workers, devices=args.devices, num_nodes=args.num_nodes,
+        strategy=args.strategy, preprocess=_preprocess_config(args),
     )
     result = train(config)
+    if distributed.is_main():
+        _print_train_summary(result)
+    return 0
+
+
+def _devices_value(text: str) -> int | str:
+    """Parse --devices: "auto" or a whole number of at least 1."""
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}; use a whole number of at least 1, or auto")
+    return int(text)
+
+
+def _print_train_summary(result) -> None:
     _print_summary(result.run_dir, result.metrics)
     print(f"model file:         {result.model_path}")
     print(f"checkpoints:        {result.run_dir / 'checkpoints'} (best.ckpt, last.ckpt)")
     print(f"training history:   {result.run_dir / 'logs' / 'metrics.csv'}")
     print(f"split:              {result.run_dir / 'split.csv'}")
-    return 0
 
 
 def _add_evaluate(commands: argparse._SubParsersAction) -> None:
@@ -158,6 +207,10 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", type=Path, required=True, help="labeled data folder or CSV manifest")
     parser.add_argument("--out", type=Path, required=True, help="folder for the report")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size (default: 32)")
+    parser.add_argument("--allow-overlap", action="store_true",
+                        help="evaluate even when the data shares subjects with the model's training or validation "
+                             "split (read from split.csv next to the model); the report then says the results "
+                             "are optimistic")
     _add_common_data_options(parser)
     _add_engine_options(parser)
     parser.set_defaults(handler=_run_evaluate)
@@ -167,7 +220,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from leukemia.evaluation.evaluate import evaluate
 
     metrics = evaluate(args.checkpoint, args.data, args.out, cache_dir=args.cache_dir, workers=args.workers,
-                       batch_size=args.batch_size, device=args.device, precision=args.precision)
+                       batch_size=args.batch_size, device=args.device, precision=args.precision,
+                       allow_overlap=args.allow_overlap)
     _print_summary(args.out, metrics)
     return 0
 
@@ -182,18 +236,32 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="output file, .csv or .json (default: CSV on standard output)")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size (default: 32)")
+    parser.add_argument("--cam", type=Path, default=None, metavar="DIR",
+                        help="write a Grad-CAM overlay PNG of the ALL logit per classified image into DIR "
+                             "and add its path as a 'cam' column (needs model.pt, not ONNX)")
     _add_engine_options(parser)
     parser.set_defaults(handler=_run_predict)
 
 
 def _run_predict(args: argparse.Namespace) -> int:
+    from leukemia import distributed
+    from leukemia.inference.engine import resolve_device
     from leukemia.inference.inputs import collect_input_files
     from leukemia.inference.predictor import Predictor
     from leukemia.data.discovery import parse_subject
 
-    predictor = Predictor(args.checkpoint, device=args.device, precision=args.precision)
+    # Under torchrun or srun each process classifies its share of the files; rank 0 writes the output.
+    distributed.init_distributed(device_type=resolve_device(args.device).type)
+    predictor = Predictor(args.checkpoint, device=distributed.local_device(args.device), precision=args.precision)
+    if args.cam is not None and predictor.model is None:
+        raise ValueError(f"--cam needs the PyTorch model file; {args.checkpoint} is an ONNX export, so pass "
+                         "the model.pt it was exported from")
     paths = collect_input_files(args.inputs)
-    results = predictor.predict_files(paths, batch_size=args.batch_size)
+    mine = predictor.predict_files(distributed.shard(paths), batch_size=args.batch_size)
+    results = distributed.gather_shards(mine)
+    cams = _write_cams(predictor, results, args.cam) if args.cam is not None else {}
+    if not distributed.is_main():
+        return 0
     rows = [
         {
             "file": str(result.path),
@@ -205,12 +273,53 @@ def _run_predict(args: argparse.Namespace) -> int:
         }
         for result in results
     ]
+    if args.cam is not None:
+        for index, row in enumerate(rows):
+            row["cam"] = cams.get(index, "")
     _write_rows(rows, args.out)
+    summary = _subject_summary(results, [row["subject"] for row in rows])
+    if args.out is not None and summary:
+        summary_path = args.out.with_name(f"{args.out.stem}_subjects{args.out.suffix}")
+        _write_rows(summary, summary_path)
+        logger.info("per-subject summary of %d subjects: %s", len(summary), summary_path)
     failed = sum(1 for result in results if result.error)
     logger.info("%d images classified with %s, %d could not be read%s", len(results) - failed,
                 predictor.runtime, failed,
                 f"; output: {args.out}" if args.out else "")
     return 0
+
+
+def _write_cams(predictor, results: list, cam_dir: Path) -> dict[int, str]:
+    """Write one Grad-CAM overlay per classified image; return {result index: overlay path}."""
+    from leukemia import distributed
+    from leukemia.explain.gradcam import overlay_file_names, save_overlay
+
+    classified = [index for index, result in enumerate(results) if result.error is None]
+    names = overlay_file_names([results[index].path for index in classified])
+    # With several processes each draws its share; the names come from the whole list, so they never collide.
+    mine = distributed.shard(list(zip(classified, names)))
+    overlays = predictor.explain_files([results[index].path for index, _ in mine])
+    drawn = {index: str(save_overlay(cam_dir / name, overlay)) for (index, name), overlay in zip(mine, overlays)}
+    cams = {index: path for part in distributed.gather_objects(drawn) for index, path in part.items()}
+    logger.info("%d Grad-CAM overlays in %s", len(cams), cam_dir)
+    return cams
+
+
+def _subject_summary(results: list, subjects: list[str]) -> list[dict]:
+    """Return n_images, mean_probability_all and fraction_called_all per known subject, over classified images."""
+    by_subject: dict[str, list] = {}
+    for result, subject in zip(results, subjects):
+        if subject and result.probability is not None:
+            by_subject.setdefault(subject, []).append(result)
+    return [
+        {
+            "subject": subject,
+            "n_images": len(cells),
+            "mean_probability_all": round(sum(cell.probability for cell in cells) / len(cells), 6),
+            "fraction_called_all": round(sum(cell.prediction for cell in cells) / len(cells), 6),
+        }
+        for subject, cells in sorted(by_subject.items())
+    ]
 
 
 def _add_export(commands: argparse._SubParsersAction) -> None:
@@ -226,6 +335,39 @@ def _run_export(args: argparse.Namespace) -> int:
 
     path = export_onnx(args.checkpoint, args.onnx)
     print(f"ONNX model: {path}")
+    return 0
+
+
+def _add_app(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("app", help="serve a web page for classifying uploaded cell images (needs the app extra)")
+    parser.add_argument("--checkpoint", type=Path, required=True,
+                        help="model.pt written by `leukemia train`, or its run directory; selected at start")
+    parser.add_argument("--runs", type=Path, default=None,
+                        help="folder searched recursively for more model.pt files to choose from (default: none)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on; the page has no login, so keep the default 127.0.0.1 "
+                             "unless the network is trusted (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=7860, help="port to listen on (default: 7860)")
+    parser.add_argument("--max-files", type=int, default=20, help="maximum number of files per upload (default: 20)")
+    parser.add_argument("--max-file-mb", type=float, default=20.0,
+                        help="maximum size of one file in MB, 1 MB = 1,048,576 bytes (default: 20)")
+    parser.set_defaults(handler=_run_app)
+
+
+def _run_app(args: argparse.Namespace) -> int:
+    from leukemia.app.analysis import UploadLimits
+
+    limits = UploadLimits(max_files=args.max_files, max_file_mb=args.max_file_mb)
+    try:
+        from leukemia.app.server import launch
+    except ModuleNotFoundError as error:
+        if error.name != "gradio":
+            raise
+        raise RuntimeError("the web app needs Gradio; install it with: pip install 'leukemia[app]'") from error
+    # Gradio checks its own server with httpx at start; those requests are not worth a line each.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    print(DISCLAIMER)
+    launch(args.checkpoint, runs=args.runs, host=args.host, port=args.port, limits=limits)
     return 0
 
 
@@ -246,7 +388,7 @@ def _run_preprocess(args: argparse.Namespace) -> int:
     from leukemia.data.discovery import discover
     from leukemia.data.images import read_image
     from leukemia.preprocessing.cache import PreprocessCache, default_cache_dir, preprocess_files
-    from leukemia.preprocessing.cell import preprocess_cell
+    from leukemia.preprocessing.cell import BlankImageError, preprocess_cell
     from leukemia.preprocessing.figure import draw_steps
 
     config = _preprocess_config(args)
@@ -261,7 +403,10 @@ def _run_preprocess(args: argparse.Namespace) -> int:
 
     if args.steps is None and args.out is None:
         raise ValueError("give --steps OUT.png to draw the steps, or --out CELL.png to save the result")
-    result = preprocess_cell(read_image(args.image), config)
+    try:
+        result = preprocess_cell(read_image(args.image), config)
+    except BlankImageError as error:
+        raise ValueError(f"{args.image}: {error}") from error
     if args.steps is not None:
         draw_steps(result, args.steps, title=str(args.image.name))
         print(f"steps: {args.steps}")
@@ -287,6 +432,7 @@ def _print_summary(out_dir: Path, metrics: dict) -> None:
     print(f"skipped images:     {skipped} (see {out_dir / 'skipped.csv'})")
     print(f"report:             {out_dir} (metrics.json, classification_report.txt, predictions.csv, "
           "per_subject.csv, confusion_matrix.png, roc.png)")
+    print(f"HTML report:        {out_dir / 'report.html'} (opens offline in a browser)")
 
 
 def _write_rows(rows: list[dict], out: Path | None) -> None:

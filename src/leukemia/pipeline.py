@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import platform
 import sys
 from dataclasses import dataclass
@@ -14,9 +15,9 @@ import timm
 import torch
 import torchvision
 
-from leukemia import __version__
+from leukemia import __version__, distributed
 from leukemia.data.discovery import Sample
-from leukemia.preprocessing.cache import PreprocessCache, preprocess_files
+from leukemia.preprocessing.cache import PreprocessCache, PreprocessOutcome, preprocess_files
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +34,17 @@ class PreparedCells:
 def prepare_cells(
     samples: list[Sample], cache: PreprocessCache, *, workers: int | None, progress: bool = True
 ) -> PreparedCells:
-    """Preprocess the samples into the cache; drop, and record, the ones that fail."""
-    outcomes = preprocess_files([sample.path for sample in samples], cache, workers=workers, progress=progress)
+    """Preprocess the samples into the cache; drop, and record, the ones that fail.
+
+    In a job of several processes, each process preprocesses its share of the files, and
+    every process gets the outcomes of all files in the original order, so every process
+    has every key and every skipped file. ``workers`` then defaults to the cores divided
+    among the processes of a node.
+
+    Raises:
+        RuntimeError: a cell another process preprocessed is not in the cache here.
+    """
+    outcomes = _preprocess_shares([sample.path for sample in samples], cache, workers=workers, progress=progress)
     kept, keys, skipped = [], [], []
     for sample, outcome in zip(samples, outcomes):
         if outcome.key is None:
@@ -43,6 +53,34 @@ def prepare_cells(
             kept.append(sample)
             keys.append(outcome.key)
     return PreparedCells(kept, keys, skipped)
+
+
+def _preprocess_shares(
+    paths: list[Path], cache: PreprocessCache, *, workers: int | None, progress: bool
+) -> list[PreprocessOutcome]:
+    """Preprocess this process's share of the files; return the outcomes of every process's share."""
+    if distributed.world_size() == 1:
+        return preprocess_files(paths, cache, workers=workers, progress=progress)
+
+    # Shares are disjoint by path, but files with identical bytes under two names share a key,
+    # so two processes may write the same entry at once. The cache writes each entry to a
+    # temporary file and renames it into place, so the entry is whole whichever process wins.
+    if workers is None:
+        workers = max(1, (os.cpu_count() or 1) // distributed.launcher_world().local_size)
+    mine = preprocess_files(distributed.shard(paths), cache, workers=workers, progress=progress)
+    outcomes = distributed.gather_shards(mine)
+    _check_entries_visible(outcomes, cache)
+    return outcomes
+
+
+def _check_entries_visible(outcomes: list[PreprocessOutcome], cache: PreprocessCache) -> None:
+    """Fail when cells that other processes preprocessed are not in this process's cache folder."""
+    unseen = [outcome.path for outcome in outcomes if outcome.key and not cache.entry_path(outcome.key).is_file()]
+    if unseen:
+        raise RuntimeError(
+            f"{len(unseen)} cells preprocessed by other processes (the first: {unseen[0]}) are not in "
+            f"{cache.folder}; with processes on several nodes, --cache-dir must be a folder every node shares"
+        )
 
 
 def write_skipped(path: Path, skipped: list[tuple[Path, str]]) -> None:

@@ -7,6 +7,7 @@ cache.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -81,20 +82,41 @@ class ViewSampler(Sampler[int]):
 
     The draw depends only on the seed and the epoch (Lightning calls ``set_epoch``), so two
     runs with the same seed see the same views in the same order.
+
+    With several processes (``world_size`` > 1), every process draws the same permutation
+    and takes every ``world_size``-th position from ``rank``, so the processes see disjoint
+    shares of the images. The permutation is padded to a multiple of ``world_size`` by
+    repeating its first positions, so that every process gets the same number of samples and
+    of batches. A few images then count twice in an epoch, as with PyTorch's
+    ``DistributedSampler``, so use it for training only: validation and test must see each
+    image exactly once.
     """
 
-    def __init__(self, n_images: int, n_views: int, seed: int, shuffle: bool = True) -> None:
+    def __init__(
+        self,
+        n_images: int,
+        n_views: int,
+        seed: int,
+        shuffle: bool = True,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"invalid rank {rank} for a world of {world_size} processes; use 0 to {world_size - 1}")
         self.n_images = n_images
         self.n_views = n_views
         self.seed = seed
         self.shuffle = shuffle
+        self.rank = rank
+        self.world_size = world_size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.n_images
+        return math.ceil(self.n_images / self.world_size)
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
@@ -102,4 +124,10 @@ class ViewSampler(Sampler[int]):
         views = torch.randint(0, self.n_views, (self.n_images,), generator=generator)
         if not self.shuffle:
             views.zero_()
-        return iter((order * self.n_views + views).tolist())
+        indices = (order * self.n_views + views).tolist()
+
+        # Pad to the same share for every process. The loop repeats the whole list when it is shorter than the padding.
+        total = len(self) * self.world_size
+        while indices and len(indices) < total:
+            indices += indices[:total - len(indices)]
+        return iter(indices[self.rank:total:self.world_size])

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from leukemia import distributed
 from leukemia.inference.engine import Engine
 from leukemia.models.classifier import CellClassifier
 from leukemia.preprocessing.cache import PreprocessCache, write_atomically
@@ -64,8 +65,19 @@ def extract_features(
     num_workers: int = 0,
     progress: bool = True,
 ) -> torch.Tensor:
-    """Return (N, V, D) float32 features for the cells, computing only those not yet cached."""
-    cached = {key: feature_cache.load(key, n_views) for key in dict.fromkeys(keys)}
+    """Return (N, V, D) float32 features for the cells, computing only those not yet cached.
+
+    In a job of several processes, each process computes the missing features of its share
+    of the distinct keys, then waits for the others and loads their shares from the cache, so
+    every process returns all features. The cache folder must then be shared by every node.
+
+    Raises:
+        RuntimeError: a feature another process computed is not in the cache here.
+    """
+    # The shares depend on the key list alone, not on the cache's contents at this moment, so
+    # the processes agree on them while others are still writing entries.
+    unique = list(dict.fromkeys(keys))
+    cached = {key: feature_cache.load(key, n_views) for key in distributed.shard(unique)}
     missing = [key for key, value in cached.items() if value is None]
 
     # The fork keeps the global random state as it was, so a run that finds every feature in
@@ -80,9 +92,29 @@ def extract_features(
             feature_cache.store(key, features)
             cached[key] = features
     logger.info("features: %d cells computed, %d from the cache", len(missing), len(cached) - len(missing))
+    distributed.barrier()
     if not keys:
         return torch.empty(0, n_views, model.spec.feature_dim)
+    cached.update(_load_shares_of_others(unique, cached, feature_cache, n_views))
     return torch.stack([cached[key] for key in keys])
+
+
+def _load_shares_of_others(
+    keys: list[str], cached: dict[str, torch.Tensor], feature_cache: FeatureCache, n_views: int
+) -> dict[str, torch.Tensor]:
+    """Load from the cache the features of the keys other processes computed."""
+    loaded = {}
+    for key in keys:
+        if key in cached:
+            continue
+        features = feature_cache.load(key, n_views)
+        if features is None:
+            raise RuntimeError(
+                f"the features of cell {key} computed by another process are not in {feature_cache.folder}; "
+                "with processes on several nodes, --cache-dir must be a folder every node shares"
+            )
+        loaded[key] = features
+    return loaded
 
 
 @torch.no_grad()

@@ -2,25 +2,35 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
+import os
+import pickle
+import shutil
+import socket
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins import TorchCheckpointIO
 from torch.utils.data import DataLoader
 
+from leukemia import distributed
 from leukemia.data.discovery import DataSet, Sample, discover
 from leukemia.data.splits import LEAKAGE_WARNING, Split, check_subject_disjoint, make_split
+from leukemia.evaluation.html_report import write_html_report
 from leukemia.evaluation.report import Predictions, write_report
 from leukemia.inference.checkpoint import save_checkpoint
-from leukemia.inference.engine import Engine
+from leukemia.inference.engine import Engine, resolve_device
 from leukemia.models.backbones import BackboneSpec, create_backbone, weights_digest
 from leukemia.models.classifier import CellClassifier
 from leukemia.pipeline import PreparedCells, environment_record, prepare_cells, write_skipped
@@ -31,6 +41,25 @@ from leukemia.training.features import FeatureCache, compute_features, extract_f
 from leukemia.training.module import MONITOR_MODES, FrozenBackboneModule
 
 logger = logging.getLogger(__name__)
+
+# Created with O_EXCL while a run writes into its directory. It contains the PID and the host name.
+LOCK_FILE = "run.lock"
+LAST_CHECKPOINT = "checkpoints/last.ckpt"
+
+
+class RunDirectoryLockedError(RuntimeError):
+    """Another run writes into the run directory, or an interrupted one left its lock behind."""
+
+
+class ResumePoint(NamedTuple):
+    """The start of a resumed run: a checkpoint (None: the first epoch) and an epoch limit.
+
+    ``max_epochs`` is set when early stopping had already ended the run in the checkpoint's
+    epoch, because Lightning keeps the stop decision itself out of its checkpoints.
+    """
+
+    checkpoint: Path | None
+    max_epochs: int | None = None
 
 
 @dataclass
@@ -45,20 +74,73 @@ class TrainResult:
 def train(config: TrainConfig) -> TrainResult:
     """Run the whole job into ``config.out``; see the README for the files it writes.
 
+    The run directory is locked while the run writes into it (``run.lock``).
+
     Raises:
         FileExistsError: the run directory already holds files.
-        ValueError: the data set lacks a class, or cannot be split by subject.
+        RunDirectoryLockedError: another run writes into the directory, or an interrupted
+            run left its lock (continue it with ``resume_training``).
+        ValueError: the data set lacks a class, or cannot be split by subject; or
+            ``config.devices`` and ``config.num_nodes`` request another number of processes
+            than the launcher (torchrun, srun) started.
     """
-    run_dir = _create_run_dir(config.out)
+    _join_processes(config)
+    run_dir = distributed.on_main(_create_run_dir, config.out)
+    try:
+        return _train(config, run_dir, resume_from=None)
+    finally:
+        _release_lock(run_dir)
+
+
+def resume_training(
+    run_dir: Path,
+    *,
+    cache_dir: Path | None = None,
+    workers: int | None = None,
+) -> TrainResult:
+    """Continue an interrupted run from ``checkpoints/last.ckpt`` with the settings in its config.json.
+
+    Data, split and features are prepared again as the first time (the caches make this
+    quick), and training continues after the last saved epoch. With the same data, the
+    results equal those of a run never interrupted. Without a checkpoint, training starts
+    from the first epoch. Resuming a finished run writes its report again.
+
+    Args:
+        run_dir: the ``--out`` folder of the interrupted run.
+        cache_dir: the cache folder, when it moved since the run started.
+        workers: preprocessing processes; they do not change the results.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` holds no config.json, or the recorded data is gone.
+        RunDirectoryLockedError: another run is still writing into ``run_dir``.
+        RuntimeError: last.ckpt is damaged.
+    """
+    run_dir = Path(run_dir)
+    config = _stored_config(run_dir, cache_dir=cache_dir, workers=workers)
+    _join_processes(config)
+    distributed.on_main(_acquire_lock, run_dir, replace_stale=True)
+    try:
+        return _train(config, run_dir, resume_from=distributed.on_main(_resume_point, run_dir))
+    finally:
+        _release_lock(run_dir)
+
+
+def _train(config: TrainConfig, run_dir: Path, *, resume_from: ResumePoint | None) -> TrainResult:
     L.seed_everything(config.seed, workers=True)
-    _write_json(run_dir / "config.json", config.to_dict())
+    # Rank 0 alone writes into the run directory and shows progress bars.
+    main = distributed.is_main()
+    if main:
+        _write_json(run_dir / "config.json", config.to_dict())
+    else:
+        config = replace(config, progress=False)
 
     # Data: discovery, preprocessing into the cache, then the split.
     dataset = discover(config.data)
     logger.info("found %s: %s (layout: %s)", config.data, dataset.counts(), dataset.layout)
     cache = PreprocessCache(config.cache_dir or default_cache_dir(), config.preprocess)
     cells = prepare_cells(dataset.labeled, cache, workers=config.workers, progress=config.progress)
-    write_skipped(run_dir / "skipped.csv", cells.skipped)
+    if main:
+        write_skipped(run_dir / "skipped.csv", cells.skipped)
     split = make_split(
         cells.samples,
         val_fraction=config.val_fraction,
@@ -67,7 +149,8 @@ def train(config: TrainConfig) -> TrainResult:
         seed=config.seed,
     )
     _check_split(split)
-    split.write_csv(run_dir / "split.csv")
+    if main:
+        split.write_csv(run_dir / "split.csv")
     _log_split(split)
 
     # Model and features: the frozen backbone runs once per cell and view, never per epoch.
@@ -75,7 +158,7 @@ def train(config: TrainConfig) -> TrainResult:
     backbone, spec = create_backbone(config.backbone, weights=weights)
     model = CellClassifier(backbone, spec, hidden=config.hidden, dropout=config.dropout)
     model.freeze_backbone()
-    engine = Engine.create(config.device, config.precision)
+    engine = Engine.create(distributed.local_device(config.device), config.precision)
     logger.info("backbone %s on %s in %s", spec.name, engine.device, engine.precision)
     keys = _keys_by_split(split, cells)
     if config.live_backbone:
@@ -92,10 +175,37 @@ def train(config: TrainConfig) -> TrainResult:
     # Training: Lightning runs the loop, keeps the best and last checkpoints, stops early.
     module = FrozenBackboneModule(
         model, learning_rate=config.learning_rate, pos_weight=_pos_weight(config, split.train),
-        live_backbone=config.live_backbone, engine=engine,
+        live_backbone=config.live_backbone, engine=engine, seed=config.seed,
     )
     trainer, checkpoint_callback = _build_trainer(config, run_dir, engine)
-    trainer.fit(module, *_loaders(config, split, keys, cache, spec, inputs, engine))
+    _fit(trainer, module, _loaders(config, split, keys, cache, spec, inputs, engine), run_dir, resume_from)
+    metrics = distributed.on_main(
+        _evaluate_and_save, config, run_dir, module, checkpoint_callback,
+        inputs=inputs, keys=keys, cache=cache, engine=engine, dataset=dataset, split=split, cells=cells,
+    )
+    return TrainResult(run_dir, run_dir / "model.pt", metrics)
+
+
+def _evaluate_and_save(
+    config: TrainConfig,
+    run_dir: Path,
+    module: FrozenBackboneModule,
+    checkpoint_callback: ModelCheckpoint,
+    *,
+    inputs: dict[str, torch.Tensor] | None,
+    keys: dict[str, list[str]],
+    cache: PreprocessCache,
+    engine: Engine,
+    dataset: DataSet,
+    split: Split,
+    cells: PreparedCells,
+) -> dict:
+    """Restore the best weights, write model.pt and the report on the test split; return the metrics.
+
+    In a job of several processes rank 0 alone runs this, on every test and validation image
+    once, with no sampler padding.
+    """
+    model = module.model
     _restore_best(module, checkpoint_callback)
     if inputs is None:
         # Evaluation below reads features; the live run computes them once now, view 0 only.
@@ -118,17 +228,260 @@ def train(config: TrainConfig) -> TrainResult:
         extra=_run_record(config, dataset, split, cells, checkpoint_callback),
         history_csv=run_dir / "logs" / "metrics.csv",
     )
-    return TrainResult(run_dir, model_path, metrics)
+    write_html_report(run_dir, model=model, preprocess=config.preprocess)
+    return metrics
 
 
 def _create_run_dir(path: Path) -> Path:
     path = Path(path)
+    if (path / LOCK_FILE).exists():
+        _raise_locked(path, _lock_owner(path / LOCK_FILE))
     if path.exists() and any(path.iterdir()):
         raise FileExistsError(
             f"the run directory {path} already contains files; choose a new --out so runs never mix"
         )
     path.mkdir(parents=True, exist_ok=True)
+    _acquire_lock(path, replace_stale=False)
     return path
+
+
+def _join_processes(config: TrainConfig) -> distributed.World:
+    """Check that the settings request as many processes as the launcher started, then join them.
+
+    Raises:
+        ValueError: the numbers differ, or the settings request several processes without a launcher.
+    """
+    world = distributed.launcher_world()
+    devices = _devices_per_node(config, world)
+    requested = devices * config.num_nodes
+    if world.size == 1 and requested > 1:
+        raise ValueError(
+            f"--devices {devices} --num-nodes {config.num_nodes} requests {requested} training processes, but this "
+            "process was not started by a launcher (torchrun or srun), and the train job does not start processes "
+            f"itself; run `torchrun --nproc-per-node {devices} -m leukemia.cli train ...` (with --nnodes and "
+            "--node-rank on each node for several nodes), or leave out --devices for a single process"
+        )
+    if world.size > 1 and requested != world.size:
+        raise ValueError(
+            f"{world.launcher} started {world.size} processes ({world.local_size} on each of {world.num_nodes} "
+            f"node(s)), but --devices {devices} --num-nodes {config.num_nodes} requests {requested}; pass "
+            f"--devices {world.local_size} --num-nodes {world.num_nodes}"
+        )
+    return distributed.init_distributed(device_type=resolve_device(config.device).type)
+
+
+def _devices_per_node(config: TrainConfig, world: distributed.World) -> int:
+    """Return the Trainer's devices: the processes the launcher started per node for "auto"."""
+    return world.local_size if config.devices == "auto" else int(config.devices)
+
+
+def _stored_config(run_dir: Path, *, cache_dir: Path | None, workers: int | None) -> TrainConfig:
+    """Read the settings of the run in ``run_dir``, with the options that may change on resume."""
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"config.json not found in {run_dir}, so it is no run directory of `leukemia train`; pass the "
+            "--out folder of the run to continue, or start a new run"
+        )
+    config = TrainConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
+    config.out = run_dir
+    if cache_dir is not None:
+        config.cache_dir = cache_dir
+    if workers is not None:
+        config.workers = workers
+    if not config.data.exists():
+        raise FileNotFoundError(
+            f"the data path {config.data} recorded in {config_path} was not found; a relative path counts "
+            "from the folder where the run started, so resume from there"
+        )
+    return config
+
+
+def _acquire_lock(run_dir: Path, *, replace_stale: bool) -> None:
+    """Create ``run_dir/run.lock`` with this process's PID; raise if a live run already has it."""
+    lock = run_dir / LOCK_FILE
+    for _ in range(2):
+        try:
+            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = _lock_owner(lock)
+            if not replace_stale or _owner_alive(owner):
+                _raise_locked(run_dir, owner)
+            logger.warning("removing the lock %s left by run PID %s, which no longer runs", lock, owner[0])
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(f"{os.getpid()}\n{socket.gethostname()}\n")
+        return
+    raise RunDirectoryLockedError(f"could not lock {run_dir}: another run created {lock} at the same moment")
+
+
+def _lock_owner(lock: Path) -> tuple[int, str] | None:
+    """Return (PID, host) from a lock file, or None while it is being written or unreadable."""
+    try:
+        pid, host = lock.read_text(encoding="utf-8").split("\n")[:2]
+        return int(pid), host
+    except (OSError, ValueError):
+        return None
+
+
+def _owner_alive(owner: tuple[int, str] | None) -> bool:
+    """Return whether the lock's process still runs; a lock of another host counts as alive."""
+    if owner is None or owner[1] != socket.gethostname():
+        return True
+    try:
+        os.kill(owner[0], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _raise_locked(run_dir: Path, owner: tuple[int, str] | None) -> None:
+    lock = run_dir / LOCK_FILE
+    if owner is None or _owner_alive(owner):
+        who = "another run" if owner is None else f"another run (PID {owner[0]} on {owner[1]})"
+        raise RunDirectoryLockedError(
+            f"{who} is writing into {run_dir}; wait for it to end or choose another --out. If no run is "
+            f"active there, delete {lock}"
+        )
+    raise RunDirectoryLockedError(
+        f"{run_dir} is locked by run PID {owner[0]}, which no longer runs, so that run was interrupted; "
+        f"continue it with `leukemia train --resume {run_dir}`, or choose a new --out"
+    )
+
+
+def _release_lock(run_dir: Path) -> None:
+    """Remove the lock if this process owns it."""
+    lock = run_dir / LOCK_FILE
+    owner = _lock_owner(lock)
+    if owner is not None and owner == (os.getpid(), socket.gethostname()):
+        lock.unlink(missing_ok=True)
+
+
+def _fit(
+    trainer: L.Trainer,
+    module: FrozenBackboneModule,
+    loaders: tuple[DataLoader, DataLoader],
+    run_dir: Path,
+    resume_from: ResumePoint | None,
+) -> None:
+    """Train, from the last checkpoint when resuming; keep the history of the epochs before it."""
+    checkpoint = resume_from.checkpoint if resume_from is not None else None
+    if resume_from is not None and resume_from.max_epochs is not None:
+        trainer.fit_loop.max_epochs = resume_from.max_epochs
+    history_path = run_dir / "logs" / "metrics.csv"
+    earlier = _read_history(history_path) if checkpoint is not None else []
+    try:
+        trainer.fit(module, *loaders, ckpt_path=checkpoint)
+    except SystemExit as error:
+        # Lightning handles Ctrl+C with a graceful stop and then calls sys.exit(1) inside fit.
+        if not trainer.interrupted:
+            raise
+        logger.warning("training was interrupted; continue it with `leukemia train --resume %s`", run_dir)
+        raise KeyboardInterrupt from error
+    if earlier and distributed.is_main():
+        _merge_history(history_path, earlier)
+
+
+def _resume_point(run_dir: Path) -> ResumePoint:
+    """Return the checkpoint to continue from, after checking that it loads.
+
+    Lightning 2.6 writes last.ckpt only with a new best checkpoint, so a resumed run may
+    repeat the epochs after it; they give the same results.
+    """
+    path = run_dir / LAST_CHECKPOINT
+    if not path.is_file():
+        logger.warning("no last.ckpt found in %s; training starts from the first epoch", path.parent)
+        # A best.ckpt without last.ckpt would make Lightning save the new best as best-v1.ckpt.
+        shutil.rmtree(path.parent, ignore_errors=True)
+        return ResumePoint(None)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
+        raise RuntimeError(
+            f"{path} is damaged and cannot be loaded ({error}); delete it and resume again to train from "
+            "the first epoch, or start a new run with a new --out"
+        ) from error
+
+    if _relocate_checkpoint_paths(state, Path(os.path.realpath(path.parent))):
+        logger.info("the run directory moved since %s was written; updating its file paths", path)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        write_atomically(path, buffer.getvalue())
+
+    stopped = [value.get("stopped_epoch", 0) for key, value in state.get("callbacks", {}).items()
+               if key.startswith("EarlyStopping") and isinstance(value, dict)]
+    logger.info("resuming from %s, saved after epoch %d", path, int(state["epoch"]) + 1)
+    return ResumePoint(path, int(state["epoch"]) + 1 if any(stopped) else None)
+
+
+def _relocate_checkpoint_paths(state: dict, checkpoint_dir: Path) -> bool:
+    """Point the checkpoint callback's file paths into ``checkpoint_dir``; return whether any moved.
+
+    Lightning restores the best checkpoint's score only when the folder is unchanged, so a
+    run directory that was moved or copied would lose track of its best epoch.
+    """
+    moved = False
+    for key, value in state.get("callbacks", {}).items():
+        if not key.startswith("ModelCheckpoint") or not isinstance(value, dict):
+            continue
+        if not value.get("dirpath") or Path(value["dirpath"]) == checkpoint_dir:
+            continue
+
+        def inside(old: str | None) -> str | None:
+            return str(checkpoint_dir / Path(old).name) if old else old
+
+        value["dirpath"] = str(checkpoint_dir)
+        for name in ("best_model_path", "kth_best_model_path", "last_model_path"):
+            value[name] = inside(value.get(name))
+        value["best_k_models"] = {inside(old): score for old, score in value.get("best_k_models", {}).items()}
+        moved = True
+    return moved
+
+
+def _read_history(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _merge_history(path: Path, earlier: list[dict[str, str]]) -> None:
+    """Put the rows logged before the resume in front of the new ones.
+
+    Lightning's CSV logger starts a new file on resume. A row of the interrupted run is kept
+    unless the resumed run logged the same epoch and step with the same columns filled.
+    """
+    later = _read_history(path)
+    seen = {_history_key(row) for row in later}
+    rows = [row for row in earlier if _history_key(row) not in seen] + later
+    columns = sorted({column for row in rows for column in row})
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomically(path, buffer.getvalue().encode("utf-8"))
+
+
+def _history_key(row: dict[str, str]) -> tuple:
+    return row.get("epoch"), row.get("step"), tuple(sorted(k for k, v in row.items() if v not in ("", None)))
+
+
+class _AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint to a temporary file next to it, then renames it into place.
+
+    Lightning stages checkpoints in the system's temporary folder and moves them into place.
+    When that folder is on another file system, the move is a copy, not an atomic rename, so a
+    kill during the copy would leave a truncated last.ckpt. A kill before the move leaves a
+    stray file of the checkpoint's size in the temporary folder.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        write_atomically(Path(path), buffer.getvalue())
 
 
 def _check_split(split: Split) -> None:
@@ -174,17 +527,27 @@ def _build_trainer(config: TrainConfig, run_dir: Path, engine: Engine) -> tuple[
     early_stopping = EarlyStopping(monitor="val_loss", mode="min", patience=config.patience)
     # The frozen backbone is in eval mode on purpose (its batch-norm statistics stay fixed).
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+    # Every process validates on the whole validation set, so its validation metrics are already
+    # those of the whole set and need no averaging across processes.
+    warnings.filterwarnings("ignore", message=r".*self\.log\('val_\w+', \.\.\., sync_dist=True\).*")
     trainer = L.Trainer(
         max_epochs=config.epochs,
-        # The head alone is too small to gain from a GPU; a live backbone runs where the engine is.
-        accelerator=engine.device.type if config.live_backbone else "cpu",
-        devices=1,
+        # The head alone is too small to gain from a GPU; a live backbone, and the processes of
+        # a distributed run (one per GPU), run where the engine is.
+        accelerator=engine.device.type if config.live_backbone or distributed.world_size() > 1 else "cpu",
+        devices=_devices_per_node(config, distributed.launcher_world()),
+        num_nodes=config.num_nodes,
+        strategy=config.strategy,
+        # ViewSampler shares out the training cells itself; validation is not shared out, so every
+        # process computes the validation metrics over the whole validation set.
+        use_distributed_sampler=False,
         callbacks=[checkpoint_callback, early_stopping],
         logger=CSVLogger(run_dir, name="logs", version=""),
         deterministic=True,
         log_every_n_steps=1,
         enable_model_summary=False,
         enable_progress_bar=config.progress,
+        plugins=[_AtomicCheckpointIO()],
     )
     return trainer, checkpoint_callback
 
@@ -214,7 +577,8 @@ def _loaders(
 
     options = dict(num_workers=config.loader_workers, pin_memory=engine.pin_memory and features is None,
                    persistent_workers=config.loader_workers > 0)
-    sampler = ViewSampler(len(split.train), config.views, config.seed)
+    sampler = ViewSampler(len(split.train), config.views, config.seed,
+                          rank=distributed.rank(), world_size=distributed.world_size())
     return (
         DataLoader(train, batch_size=config.batch_size, sampler=sampler, **options),
         DataLoader(val, batch_size=config.batch_size if features is None else 256, **options),

@@ -132,6 +132,12 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--image-level-split", action="store_true",
                         help="split images at random instead of by subject; leaks subjects across splits, so "
                              "results are optimistic (for showing that effect only)")
+    parser.add_argument("--threshold-rule", choices=("fixed", "f1_weighted", "sensitivity"), default="fixed",
+                        help="decision threshold on the probability of ALL: fixed (0.5), f1_weighted (maximises "
+                             "weighted F1 on validation) or sensitivity (the largest threshold reaching "
+                             "--target-sensitivity on validation); stored in model.pt (default: fixed)")
+    parser.add_argument("--target-sensitivity", type=float, default=0.95,
+                        help="ALL recall the sensitivity rule must reach on validation (default: 0.95)")
     group = parser.add_argument_group(
         "processes", "several processes (CPU processes or GPUs, on one or more nodes) are started by torchrun or "
                      "srun, e.g. torchrun --nproc-per-node 4 -m leukemia.cli train ... --strategy ddp")
@@ -176,7 +182,8 @@ def _run_train(args: argparse.Namespace, defaults: dict | None = None) -> int:
         image_level_split=args.image_level_split, cache_dir=args.cache_dir, workers=args.workers,
         views=args.views, live_backbone=args.live_backbone, device=args.device, precision=args.precision,
         loader_workers=args.loader_workers, devices=args.devices, num_nodes=args.num_nodes,
-        strategy=args.strategy, preprocess=_preprocess_config(args),
+        strategy=args.strategy, threshold_rule=args.threshold_rule, target_sensitivity=args.target_sensitivity,
+        preprocess=_preprocess_config(args),
     )
     result = train(config)
     if distributed.is_main():
@@ -426,6 +433,8 @@ def _print_summary(out_dir: Path, metrics: dict) -> None:
     print(f"weighted F1:        {test['f1_weighted']:.4f}")
     print(f"balanced accuracy:  {_format(test['balanced_accuracy'])}")
     print(f"ROC AUC:            {_format(test['roc_auc'])}")
+    if metrics.get("threshold"):
+        print(f"threshold:          {metrics['threshold']['value']:.4f} ({metrics['threshold']['rule']})")
     if metrics.get("split"):
         print(f"split rule:         {metrics['split']['rule']}")
     skipped = metrics.get("data", {}).get("skipped_images", 0)

@@ -162,3 +162,21 @@ def test_main_job_on_real_subset(tmp_path):
     assert subjects["val"].isdisjoint(subjects["test"])
     assert [name for name in REPORT_FILES if not (result.run_dir / name).is_file()] == []
     assert result.metrics["split"]["rule"].startswith("stratified split by subject")
+
+
+def test_threshold_rule_stored_and_reused(tmp_path, sample_run):
+    """A threshold chosen on validation is stored in model.pt, reported, and used by predict."""
+    result = train(_config(SAMPLE, tmp_path / "run", sample_run.run_dir.parent / "cache",
+                           threshold_rule="sensitivity", target_sensitivity=1.0))
+    predictor = Predictor(result.model_path)
+    rows = _read_csv(result.run_dir / "predictions.csv")
+    validation = json.loads((result.run_dir / "metrics.json").read_text())["validation"]
+
+    assert predictor.threshold == pytest.approx(result.metrics["threshold"]["value"])
+    assert predictor.metadata["threshold_rule"].startswith("sensitivity")
+    assert result.metrics["test"]["threshold"] == pytest.approx(predictor.threshold)
+    assert validation["sensitivity"] == 1.0
+    predicted = predictor.predict_files([Path(row["file"]) for row in rows])
+    for row, result in zip(rows, predicted):
+        if abs(result.probability - predictor.threshold) > 1e-4:  # bfloat16 noise at the boundary
+            assert result.prediction == int(row["prediction"]), row["file"]

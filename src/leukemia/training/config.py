@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from leukemia.evaluation.thresholds import THRESHOLD_RULES
 from leukemia.preprocessing.cell import PreprocessConfig
 from leukemia.training.module import MONITOR_MODES
 
@@ -43,6 +44,11 @@ class TrainConfig:
         num_nodes: nodes the launcher started processes on.
         strategy: Lightning's strategy: "auto", or "ddp" (each process trains on its share
             of the training cells each epoch; gradients are averaged across processes).
+        threshold_rule: how the decision threshold on the probability of ALL is chosen:
+            "fixed" (0.5), "f1_weighted" (maximises weighted F1 on validation) or
+            "sensitivity" (the largest threshold with ALL recall >= target_sensitivity on
+            validation).
+        target_sensitivity: the ALL recall the "sensitivity" rule must reach.
         progress: show progress bars.
     """
 
@@ -72,6 +78,8 @@ class TrainConfig:
     devices: int | str = "auto"
     num_nodes: int = 1
     strategy: str = "auto"
+    threshold_rule: str = "fixed"
+    target_sensitivity: float = 0.95
     progress: bool = True
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
@@ -82,6 +90,10 @@ class TrainConfig:
             raise ValueError("val_fraction and test_fraction must be between 0 and 1")
         if self.val_fraction + self.test_fraction >= 0.9:
             raise ValueError("val_fraction + test_fraction must leave at least 10 % of the data for training")
+        if self.threshold_rule not in THRESHOLD_RULES:
+            raise ValueError(f"invalid threshold rule {self.threshold_rule!r}; use one of {', '.join(THRESHOLD_RULES)}")
+        if not 0 < self.target_sensitivity <= 1:
+            raise ValueError(f"invalid target sensitivity {self.target_sensitivity}; it must be in (0, 1]")
         if self.views not in (1, 8):
             raise ValueError(f"invalid views {self.views}; use 1 (no augmentation) or 8 (dihedral views)")
         if self.precision not in ("auto", "float32", "bfloat16", "float16"):

@@ -28,6 +28,7 @@ from leukemia import distributed
 from leukemia.data.discovery import DataSet, Sample, discover
 from leukemia.data.splits import LEAKAGE_WARNING, Split, check_subject_disjoint, make_split
 from leukemia.evaluation.html_report import write_html_report
+from leukemia.evaluation.thresholds import choose_threshold
 from leukemia.evaluation.report import Predictions, write_report
 from leukemia.inference.checkpoint import save_checkpoint
 from leukemia.inference.engine import Engine, resolve_device
@@ -213,19 +214,27 @@ def _evaluate_and_save(
                                          progress=config.progress)
                   for name, split_keys in keys.items() if name != "train"}
 
+    # Threshold: chosen on validation only, so the test split stays unseen until the report.
+    validation = _predict_features(model, split.val, inputs["val"][:, 0], 0.5)
+    choice = choose_threshold(validation.targets, validation.probs, rule=config.threshold_rule,
+                              target_sensitivity=config.target_sensitivity)
+    validation.threshold = choice.threshold
+    logger.info("threshold %.4f: %s", choice.threshold, choice.rule)
+
     # Evaluation and the self-contained model file.
-    threshold = 0.5
     model_path = run_dir / "model.pt"
     save_checkpoint(
-        model_path, model, preprocess=config.preprocess, threshold=threshold,
-        threshold_rule="fixed at 0.5", train_config=config.to_dict(),
+        model_path, model, preprocess=config.preprocess, threshold=choice.threshold,
+        threshold_rule=choice.rule, train_config=config.to_dict(),
     )
+    extra = _run_record(config, dataset, split, cells, checkpoint_callback)
+    extra["threshold"] = {"value": choice.threshold, "rule": choice.rule}
     metrics = write_report(
         run_dir,
-        _predict_features(model, split.test, inputs["test"][:, 0], threshold),
-        validation=_predict_features(model, split.val, inputs["val"][:, 0], threshold),
+        _predict_features(model, split.test, inputs["test"][:, 0], choice.threshold),
+        validation=validation,
         header_lines=() if split.subject_level else (LEAKAGE_WARNING,),
-        extra=_run_record(config, dataset, split, cells, checkpoint_callback),
+        extra=extra,
         history_csv=run_dir / "logs" / "metrics.csv",
     )
     write_html_report(run_dir, model=model, preprocess=config.preprocess)

@@ -49,7 +49,7 @@ def evaluate(
     model, metadata = load_checkpoint(checkpoint)
     dataset = discover(data)
     if not dataset.labeled:
-        raise ValueError(f"{data} holds no labeled image; evaluation needs images in all/ and hem/ folders "
+        raise ValueError(f"{data} contains no labeled image; evaluation needs images in all/ and hem/ folders "
                          "or a labeled CSV manifest")
     header_lines = _check_subject_overlap(Path(metadata["path"]), dataset, allow_overlap=allow_overlap)
     out.mkdir(parents=True, exist_ok=True)

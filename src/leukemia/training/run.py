@@ -65,7 +65,7 @@ class ResumePoint(NamedTuple):
 
 @dataclass
 class TrainResult:
-    """Where a finished run put its outputs, and its test metrics."""
+    """The outputs of a finished run and its test metrics."""
 
     run_dir: Path
     model_path: Path
@@ -78,7 +78,7 @@ def train(config: TrainConfig) -> TrainResult:
     The run directory is locked while the run writes into it (``run.lock``).
 
     Raises:
-        FileExistsError: the run directory already holds files.
+        FileExistsError: the run directory already contains files.
         RunDirectoryLockedError: another run writes into the directory, or an interrupted
             run left its lock (continue it with ``resume_training``).
         ValueError: the data set lacks a class, or cannot be split by subject; or
@@ -112,7 +112,7 @@ def resume_training(
         workers: preprocessing processes; they do not change the results.
 
     Raises:
-        FileNotFoundError: ``run_dir`` holds no config.json, or the recorded data is gone.
+        FileNotFoundError: ``run_dir`` contains no config.json, or the recorded data is gone.
         RunDirectoryLockedError: another run is still writing into ``run_dir``.
         RuntimeError: last.ckpt is damaged.
     """

@@ -108,3 +108,14 @@ def test_console_script_help():
 
     assert result.returncode == 0
     assert "Not for diagnosis" in result.stdout
+
+
+def test_failed_run_leaves_out_reusable(tmp_path, caplog):
+    out = tmp_path / "run"
+
+    code = main(["train", "--data", str(SAMPLE), "--out", str(out), "--backbone", "no_such_network",
+                 "--cache-dir", str(tmp_path / "cache"), "--workers", "1"])
+
+    assert code == 2
+    assert "unknown backbone" in caplog.text
+    assert not out.exists() or list(out.iterdir()) == []

@@ -138,6 +138,9 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
                              "--target-sensitivity on validation); stored in model.pt (default: fixed)")
     parser.add_argument("--target-sensitivity", type=float, default=0.95,
                         help="ALL recall the sensitivity rule must reach on validation (default: 0.95)")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: average the probability over the 8 rotations and flips of "
+                             "each cell; stored in model.pt, so predict, evaluate and the app do the same")
     group = parser.add_argument_group(
         "processes", "several processes (CPU processes or GPUs, on one or more nodes) are started by torchrun or "
                      "srun, e.g. torchrun --nproc-per-node 4 -m leukemia.cli train ... --strategy ddp")
@@ -183,6 +186,7 @@ def _run_train(args: argparse.Namespace, defaults: dict | None = None) -> int:
         views=args.views, live_backbone=args.live_backbone, device=args.device, precision=args.precision,
         loader_workers=args.loader_workers, devices=args.devices, num_nodes=args.num_nodes,
         strategy=args.strategy, threshold_rule=args.threshold_rule, target_sensitivity=args.target_sensitivity,
+        tta=args.tta,
         preprocess=_preprocess_config(args),
     )
     result = train(config)
@@ -450,7 +454,7 @@ def _write_rows(rows: list[dict], out: Path | None) -> None:
         return
     handle = open(out, "w", newline="", encoding="utf-8") if out is not None else sys.stdout
     try:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["file"])
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["file"], lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
     finally:

@@ -86,7 +86,7 @@ def _check_entries_visible(outcomes: list[PreprocessOutcome], cache: PreprocessC
 def write_skipped(path: Path, skipped: list[tuple[Path, str]]) -> None:
     """Write the skipped files and their reasons to a CSV (header only when none was skipped)."""
     with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
+        writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(["file", "reason"])
         writer.writerows([str(file), reason] for file, reason in skipped)
 

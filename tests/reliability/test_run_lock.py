@@ -97,8 +97,8 @@ def test_lock_released_after_failure(tmp_path):
     with pytest.raises(ValueError, match="no usable HEM image"):
         train(config)
 
-    assert (out / "config.json").is_file()
     assert not (out / "run.lock").exists()
+    assert not (out / "config.json").exists(), "a run that never trained leaves nothing to resume"
 
 
 def test_resume_rejects_live_lock(tmp_path, live_pid):

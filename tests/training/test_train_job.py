@@ -180,3 +180,28 @@ def test_threshold_rule_stored_and_reused(tmp_path, sample_run):
     for row, result in zip(rows, predicted):
         if abs(result.probability - predictor.threshold) > 1e-4:  # bfloat16 noise at the boundary
             assert result.prediction == int(row["prediction"]), row["file"]
+
+
+def test_tta_recorded_and_reused(tmp_path, sample_run):
+    """With --tta the report, predict and evaluate all average the 8 views of each cell."""
+    from leukemia.evaluation.evaluate import evaluate
+
+    result = train(_config(SAMPLE, tmp_path / "run", sample_run.run_dir.parent / "cache", tta=True))
+    rows = _read_csv(result.run_dir / "predictions.csv")
+    predictor = Predictor(result.model_path)
+    report = np.array([float(row["probability"]) for row in rows])
+
+    live = np.array([r.probability for r in predictor.predict_files([Path(row["file"]) for row in rows])])
+    manifest = tmp_path / "test.csv"
+    manifest.write_text("path,label,subject\n" + "".join(f"{r['file']},{r['label']},{r['subject']}\n" for r in rows))
+    evaluated = evaluate(result.model_path, manifest, tmp_path / "eval", cache_dir=sample_run.run_dir.parent / "cache")
+
+    assert predictor.tta is True
+    np.testing.assert_allclose(live, report, atol=1e-4)
+    assert evaluated["test"]["roc_auc"] == pytest.approx(result.metrics["test"]["roc_auc"], abs=1e-6)
+    assert not np.allclose(report, _report_probs(sample_run), atol=1e-3)
+
+
+def _report_probs(run) -> np.ndarray:
+    rows = _read_csv(run.run_dir / "predictions.csv")
+    return np.array([float(row["probability"]) for row in rows])

@@ -45,7 +45,7 @@ class Split:
     def write_csv(self, path: Path) -> None:
         """Write one row per image: file, split, subject, label."""
         with open(path, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
+            writer = csv.writer(handle, lineterminator="\n")
             writer.writerow(["file", "split", "subject", "label"])
             for name, samples in self.parts().items():
                 for sample in samples:

@@ -16,6 +16,7 @@ from leukemia.inference.checkpoint import load_checkpoint
 from leukemia.inference.engine import Engine, Precision
 from leukemia.pipeline import environment_record, prepare_cells, write_skipped
 from leukemia.preprocessing.cache import PreprocessCache, default_cache_dir
+from leukemia.preprocessing.views import N_DIHEDRAL_VIEWS
 from leukemia.training.features import compute_features
 
 logger = logging.getLogger(__name__)
@@ -63,9 +64,12 @@ def evaluate(
 
     labels = [sample.label for sample in cells.samples]
     engine = Engine.create(device, precision)
-    features = compute_features(model, cache, cells.keys, engine, batch_size=batch_size)[:, 0]
+    # Test-time augmentation, when the model file records it: the mean over the 8 dihedral views.
+    n_views = N_DIHEDRAL_VIEWS if metadata.get("train_config", {}).get("tta", False) else 1
+    features = compute_features(model, cache, cells.keys, engine, n_views=n_views, batch_size=batch_size)
     with torch.no_grad():
-        probs = [torch.sigmoid(model.forward_head(features)).numpy()]
+        logits = model.forward_head(features.flatten(0, 1)).view(len(cells.keys), n_views)
+        probs = [torch.sigmoid(logits).mean(dim=1).numpy()]
 
     predictions = Predictions(
         files=[str(sample.path) for sample in cells.samples],

@@ -132,7 +132,7 @@ def _write_per_subject(path: Path, predictions: Predictions) -> None:
 def _write_csv(path: Path, rows: list[list]) -> None:
     temporary = path.with_name(f".{path.name}.tmp")
     with open(temporary, "w", newline="", encoding="utf-8") as handle:
-        csv.writer(handle).writerows(rows)
+        csv.writer(handle, lineterminator="\n").writerows(rows)
     temporary.replace(path)
 
 

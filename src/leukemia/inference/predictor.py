@@ -14,6 +14,7 @@ from leukemia.data.images import ImageReadError, read_image
 from leukemia.inference.checkpoint import load_checkpoint
 from leukemia.inference.engine import Engine, Precision
 from leukemia.preprocessing.cell import BlankImageError, PreprocessConfig, preprocess_cell
+from leukemia.preprocessing.views import N_DIHEDRAL_VIEWS, dihedral_view
 from leukemia.training.datasets import to_batch_tensor
 
 logger = logging.getLogger(__name__)
@@ -54,21 +55,30 @@ class Predictor:
             self.runtime = f"torch {self.engine.device.type} {self.engine.precision}"
         self.preprocess: PreprocessConfig = self.metadata["preprocess"]
         self.threshold = float(self.metadata["threshold"])
+        self.tta = bool(self.metadata.get("train_config", {}).get("tta", False))
         self.mean = tuple(self.metadata["backbone"]["mean"])
         self.std = tuple(self.metadata["backbone"]["std"])
 
     @torch.no_grad()
     def predict_images(self, images: list[np.ndarray]) -> np.ndarray:
-        """Return the probability of ALL for preprocessed (S, S, 3) uint8 RGB cells."""
-        batch = torch.stack([to_batch_tensor(image, self.mean, self.std) for image in images])
-        if self.onnx is not None:
-            return 1.0 / (1.0 + np.exp(-self.onnx.logits(batch.numpy())))
+        """Return the probability of ALL for preprocessed (S, S, 3) uint8 RGB cells.
 
-        with self.engine.autocast():
-            features = self.model.forward_features(self.engine.prepare_batch(batch))
-        # The head runs in float32, as in training, whatever the backbone's precision.
-        logits = self.model.forward_head(features.float())
-        return torch.sigmoid(logits).cpu().numpy()
+        With test-time augmentation (recorded in the model file) the probability is the mean over
+        the 8 dihedral views of each cell.
+        """
+        n_views = N_DIHEDRAL_VIEWS if self.tta else 1
+        batch = torch.stack([
+            to_batch_tensor(dihedral_view(image, view), self.mean, self.std)
+            for image in images for view in range(n_views)
+        ])
+        if self.onnx is not None:
+            probs = 1.0 / (1.0 + np.exp(-self.onnx.logits(batch.numpy())))
+        else:
+            with self.engine.autocast():
+                features = self.model.forward_features(self.engine.prepare_batch(batch))
+            # The head runs in float32, as in training, whatever the backbone's precision.
+            probs = torch.sigmoid(self.model.forward_head(features.float())).cpu().numpy()
+        return probs.reshape(len(images), n_views).mean(axis=1)
 
     def predict_files(self, paths: list[Path], *, batch_size: int = 32) -> list[CellPrediction]:
         """Preprocess and classify files; unreadable or blank files get an error, not an exception."""

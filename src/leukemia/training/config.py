@@ -49,6 +49,8 @@ class TrainConfig:
             "sensitivity" (the largest threshold with ALL recall >= target_sensitivity on
             validation).
         target_sensitivity: the ALL recall the "sensitivity" rule must reach.
+        tta: evaluate with test-time augmentation, averaging the probability over the 8
+            dihedral views of each cell; stored in the model file, so predict does the same.
         progress: show progress bars.
     """
 
@@ -80,6 +82,7 @@ class TrainConfig:
     strategy: str = "auto"
     threshold_rule: str = "fixed"
     target_sensitivity: float = 0.95
+    tta: bool = False
     progress: bool = True
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 

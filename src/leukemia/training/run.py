@@ -28,13 +28,14 @@ from leukemia import distributed
 from leukemia.data.discovery import DataSet, Sample, discover
 from leukemia.data.splits import LEAKAGE_WARNING, Split, check_subject_disjoint, make_split
 from leukemia.evaluation.html_report import write_html_report
-from leukemia.evaluation.thresholds import choose_threshold
 from leukemia.evaluation.report import Predictions, write_report
+from leukemia.evaluation.thresholds import choose_threshold
 from leukemia.inference.checkpoint import save_checkpoint
 from leukemia.inference.engine import Engine, resolve_device
 from leukemia.models.backbones import BackboneSpec, create_backbone, weights_digest
 from leukemia.models.classifier import CellClassifier
 from leukemia.pipeline import PreparedCells, environment_record, prepare_cells, write_skipped
+from leukemia.preprocessing.views import N_DIHEDRAL_VIEWS
 from leukemia.preprocessing.cache import PreprocessCache, default_cache_dir, write_atomically
 from leukemia.training.config import TrainConfig
 from leukemia.training.datasets import CachedCellDataset, FeatureDataset, ViewSampler
@@ -45,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 # Created with O_EXCL while a run writes into its directory. It contains the PID and the host name.
 LOCK_FILE = "run.lock"
+EARLIER_HISTORY = "history_before_resume.csv"
 LAST_CHECKPOINT = "checkpoints/last.ckpt"
 
 
@@ -89,8 +91,23 @@ def train(config: TrainConfig) -> TrainResult:
     run_dir = distributed.on_main(_create_run_dir, config.out)
     try:
         return _train(config, run_dir, resume_from=None)
+    except BaseException:
+        # A run that failed before its first checkpoint (a wrong path, an unknown backbone, a
+        # data set without a class) leaves nothing to resume; removing its setup files lets
+        # the user rerun the same command once the cause is fixed.
+        if distributed.is_main():
+            _remove_unstarted_run(run_dir)
+        raise
     finally:
         _release_lock(run_dir)
+
+
+def _remove_unstarted_run(run_dir: Path) -> None:
+    if (run_dir / "checkpoints").exists():
+        return
+    for name in ("config.json", "skipped.csv", "split.csv"):
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "logs", ignore_errors=True)
 
 
 def resume_training(
@@ -165,7 +182,7 @@ def _train(config: TrainConfig, run_dir: Path, *, resume_from: ResumePoint | Non
     if config.live_backbone:
         inputs = None
     else:
-        feature_cache = FeatureCache(cache.root, weights_digest(model.backbone) + cache.config.digest(), engine)
+        feature_cache = _feature_cache(model, cache, engine)
         inputs = {
             name: extract_features(model, cache, split_keys, feature_cache, engine,
                                    n_views=config.views if name == "train" else 1, batch_size=config.batch_size,
@@ -208,14 +225,20 @@ def _evaluate_and_save(
     """
     model = module.model
     _restore_best(module, checkpoint_callback)
-    if inputs is None:
+    if config.tta:
+        # Test-time augmentation: every view of each validation and test cell, averaged below.
+        feature_cache = _feature_cache(model, cache, engine)
+        inputs = {name: extract_features(model, cache, keys[name], feature_cache, engine, n_views=N_DIHEDRAL_VIEWS,
+                                         batch_size=config.batch_size, progress=config.progress)
+                  for name in ("val", "test")}
+    elif inputs is None:
         # Evaluation below reads features; the live run computes them once now, view 0 only.
         inputs = {name: compute_features(model, cache, split_keys, engine, batch_size=config.batch_size,
                                          progress=config.progress)
                   for name, split_keys in keys.items() if name != "train"}
 
     # Threshold: chosen on validation only, so the test split stays unseen until the report.
-    validation = _predict_features(model, split.val, inputs["val"][:, 0], 0.5)
+    validation = _predict_features(model, split.val, inputs["val"], 0.5)
     choice = choose_threshold(validation.targets, validation.probs, rule=config.threshold_rule,
                               target_sensitivity=config.target_sensitivity)
     validation.threshold = choice.threshold
@@ -231,7 +254,7 @@ def _evaluate_and_save(
     extra["threshold"] = {"value": choice.threshold, "rule": choice.rule}
     metrics = write_report(
         run_dir,
-        _predict_features(model, split.test, inputs["test"][:, 0], choice.threshold),
+        _predict_features(model, split.test, inputs["test"], choice.threshold),
         validation=validation,
         header_lines=() if split.subject_level else (LEAKAGE_WARNING,),
         extra=extra,
@@ -381,7 +404,14 @@ def _fit(
     if resume_from is not None and resume_from.max_epochs is not None:
         trainer.fit_loop.max_epochs = resume_from.max_epochs
     history_path = run_dir / "logs" / "metrics.csv"
-    earlier = _read_history(history_path) if checkpoint is not None else []
+    earlier: list[dict[str, str]] = []
+    if checkpoint is not None:
+        # Lightning's CSV logger empties logs/ when the resumed run starts, so the epochs
+        # logged so far are kept beside it until the resumed run has merged them back; a run
+        # interrupted again keeps them for the next resume.
+        earlier = _merge_rows(_read_history(run_dir / EARLIER_HISTORY), _read_history(history_path))
+        if earlier and distributed.is_main():
+            _write_history(run_dir / EARLIER_HISTORY, earlier)
     try:
         trainer.fit(module, *loaders, ckpt_path=checkpoint)
     except SystemExit as error:
@@ -391,7 +421,8 @@ def _fit(
         logger.warning("training was interrupted; continue it with `leukemia train --resume %s`", run_dir)
         raise KeyboardInterrupt from error
     if earlier and distributed.is_main():
-        _merge_history(history_path, earlier)
+        _write_history(history_path, _merge_rows(earlier, _read_history(history_path)))
+        (run_dir / EARLIER_HISTORY).unlink(missing_ok=True)
 
 
 def _resume_point(run_dir: Path) -> ResumePoint:
@@ -457,18 +488,20 @@ def _read_history(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def _merge_history(path: Path, earlier: list[dict[str, str]]) -> None:
-    """Put the rows logged before the resume in front of the new ones.
+def _merge_rows(earlier: list[dict[str, str]], later: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Put history rows logged before a resume in front of the new ones.
 
-    Lightning's CSV logger starts a new file on resume. A row of the interrupted run is kept
-    unless the resumed run logged the same epoch and step with the same columns filled.
+    A row of the interrupted run is kept unless the resumed run logged the same epoch and
+    step with the same columns filled.
     """
-    later = _read_history(path)
     seen = {_history_key(row) for row in later}
-    rows = [row for row in earlier if _history_key(row) not in seen] + later
+    return [row for row in earlier if _history_key(row) not in seen] + later
+
+
+def _write_history(path: Path, rows: list[dict[str, str]]) -> None:
     columns = sorted({column for row in rows for column in row})
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     write_atomically(path, buffer.getvalue().encode("utf-8"))
@@ -551,7 +584,8 @@ def _build_trainer(config: TrainConfig, run_dir: Path, engine: Engine) -> tuple[
         # process computes the validation metrics over the whole validation set.
         use_distributed_sampler=False,
         callbacks=[checkpoint_callback, early_stopping],
-        logger=CSVLogger(run_dir, name="logs", version=""),
+        # Flushed at every logging step, so a killed run has written every finished epoch.
+        logger=CSVLogger(run_dir, name="logs", version="", flush_logs_every_n_steps=1),
         deterministic=True,
         log_every_n_steps=1,
         enable_model_summary=False,
@@ -582,7 +616,7 @@ def _loaders(
         val = CachedCellDataset(cache, keys["val"], val_labels, spec.mean, spec.std)
     else:
         train = FeatureDataset(features["train"], train_labels)
-        val = FeatureDataset(features["val"], val_labels)
+        val = FeatureDataset(features["val"][:, :1], val_labels)
 
     options = dict(num_workers=config.loader_workers, pin_memory=engine.pin_memory and features is None,
                    persistent_workers=config.loader_workers > 0)
@@ -606,12 +640,22 @@ def _restore_best(module: FrozenBackboneModule, checkpoint_callback: ModelCheckp
                 checkpoint_callback.monitor, float(checkpoint_callback.best_model_score), best_path)
 
 
+def _feature_cache(model: CellClassifier, cache: PreprocessCache, engine: Engine) -> FeatureCache:
+    return FeatureCache(cache.root, weights_digest(model.backbone) + cache.config.digest(), engine)
+
+
 @torch.no_grad()
 def _predict_features(
     model: CellClassifier, samples: list[Sample], features: torch.Tensor, threshold: float
 ) -> Predictions:
+    """Return predictions from (N, V, D) features; with several views the probabilities are averaged."""
     model.eval()
-    probs = torch.sigmoid(model.forward_head(features)).numpy() if len(samples) else np.empty(0)
+    if len(samples):
+        n_images, n_views, width = features.shape
+        logits = model.forward_head(features.reshape(n_images * n_views, width)).view(n_images, n_views)
+        probs = torch.sigmoid(logits).mean(dim=1).numpy()
+    else:
+        probs = np.empty(0)
     return Predictions(
         files=[str(sample.path) for sample in samples],
         subjects=[sample.subject for sample in samples],

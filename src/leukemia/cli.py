@@ -10,6 +10,7 @@ import csv
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from leukemia import CLASS_NAMES, __version__
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="leukemia",
         description=f"Classify single white blood cell images as ALL (blast) or HEM (normal). {DISCLAIMER}",
     )
@@ -94,7 +96,7 @@ def _add_common_data_options(parser: argparse.ArgumentParser) -> None:
 def _add_train(commands: argparse._SubParsersAction) -> None:
     from functools import partial
 
-    parser = commands.add_parser("train", help="the main job: preprocess, split by subject, train, evaluate")
+    parser = commands.add_parser("train", allow_abbrev=False, help="the main job: preprocess, split by subject, train, evaluate")
     parser.add_argument("--data", type=Path, default=None,
                         help="data folder (any supported layout) or CSV manifest (required unless --resume)")
     parser.add_argument("--out", type=Path, default=None,
@@ -213,7 +215,7 @@ def _print_train_summary(result) -> None:
 
 
 def _add_evaluate(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("evaluate", help="evaluate a model file on a labeled data set")
+    parser = commands.add_parser("evaluate", allow_abbrev=False, help="evaluate a model file on a labeled data set")
     parser.add_argument("checkpoint", type=Path, help="model.pt written by `leukemia train`, or its run directory")
     parser.add_argument("--data", type=Path, required=True, help="labeled data folder or CSV manifest")
     parser.add_argument("--out", type=Path, required=True, help="folder for the report")
@@ -238,7 +240,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _add_predict(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("predict", help="predict ALL or HEM for images, folders or a CSV of paths")
+    parser = commands.add_parser("predict", allow_abbrev=False, help="predict ALL or HEM for images, folders or a CSV of paths")
     parser.add_argument("checkpoint", type=Path,
                         help="model.pt written by `leukemia train`, its run directory, or an ONNX file from "
                              "`leukemia export` (run with ONNX Runtime)")
@@ -334,7 +336,7 @@ def _subject_summary(results: list, subjects: list[str]) -> list[dict]:
 
 
 def _add_export(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("export", help="export a model file for fast inference (ONNX)")
+    parser = commands.add_parser("export", allow_abbrev=False, help="export a model file for fast inference (ONNX)")
     parser.add_argument("checkpoint", type=Path, help="model.pt written by `leukemia train`, or its run directory")
     parser.add_argument("--onnx", type=Path, required=True,
                         help="ONNX file to write; `leukemia predict FILE.onnx ...` runs it with ONNX Runtime")
@@ -350,7 +352,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _add_app(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("app", help="serve a web page for classifying uploaded cell images (needs the app extra)")
+    parser = commands.add_parser("app", allow_abbrev=False, help="serve a web page for classifying uploaded cell images (needs the app extra)")
     parser.add_argument("--checkpoint", type=Path, required=True,
                         help="model.pt written by `leukemia train`, or its run directory; selected at start")
     parser.add_argument("--runs", type=Path, default=None,
@@ -383,7 +385,7 @@ def _run_app(args: argparse.Namespace) -> int:
 
 
 def _add_preprocess(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("preprocess", help="show the preprocessing steps of an image, or fill the cache")
+    parser = commands.add_parser("preprocess", allow_abbrev=False, help="show the preprocessing steps of an image, or fill the cache")
     parser.add_argument("image", type=Path, nargs="?", help="one image to preprocess")
     parser.add_argument("--steps", type=Path, default=None, help="save a figure of every step to this PNG")
     parser.add_argument("--out", type=Path, default=None, help="save the preprocessed cell to this PNG")
@@ -467,6 +469,9 @@ def _format(value: float | None) -> str:
 
 
 def _setup_logging(verbose: bool) -> None:
+    # Lightning 2.6 triggers this deprecation inside torch's pytree on every fit; it is not ours
+    # to fix and says nothing to a user.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

@@ -484,3 +484,15 @@ def test_manifest_empty_file(tmp_path):
 
     with pytest.raises(ValueError, match="the CSV file is empty"):
         discover(manifest)
+
+
+def test_name_disagrees_with_folder_warns(tmp_path):
+    touch(tmp_path, "hem/UID_H1_1_1_hem.bmp")
+    touch(tmp_path, "hem/UID_5_1_1_all.bmp")
+    touch(tmp_path, "all/UID_6_1_1_all.bmp")
+
+    dataset = discover(tmp_path)
+
+    assert any("named as the other class" in message and "UID_5_1_1_all.bmp" in message
+               for message in dataset.warnings)
+    assert [s.label for s in dataset.samples if s.path.name == "UID_5_1_1_all.bmp"] == [0]

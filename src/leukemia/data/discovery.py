@@ -32,6 +32,7 @@ LABEL_BY_NAME = {"hem": 0, "all": 1}
 # "UID_11_10_1_all.bmp" is subject 11, "UID_H10_43_1_hem.bmp" is subject H10; the release
 # also writes one healthy subject as "h3", which is the same subject as "H3".
 _SUBJECT_PATTERN = re.compile(r"^UID_([Hh]?\d+)_", re.ASCII)
+_NAME_LABEL_PATTERN = re.compile(r"_(all|hem)\.[A-Za-z]+$", re.IGNORECASE)
 _FOLD_PATTERN = re.compile(r"^fold_(\d+)$", re.IGNORECASE)
 _PRELIM_TEST_DIR = "c-nmc_test_prelim_phase_data"
 _FINAL_TEST_DIR = "c-nmc_test_final_phase_data"
@@ -143,6 +144,7 @@ def discover(root: Path | str) -> DataSet:
             "nor in a labeled test set; they are not used for training or evaluation"
         )
     warnings.extend(_mixed_label_warnings(samples, root))
+    warnings.extend(_name_label_warnings(samples, root))
     for message in warnings:
         logger.warning(message)
     return dataset
@@ -164,6 +166,27 @@ def _mixed_label_warnings(samples: list[Sample], where: Path) -> list[str]:
     return [
         f"subject(s) {', '.join(mixed)} in {where} have images labeled both ALL and HEM; one subject is "
         "one patient with one diagnosis, so check the folders or labels of these images"
+    ]
+
+
+def _name_label_warnings(samples: list[Sample], where: Path) -> list[str]:
+    """Return a warning when C-NMC file names (``..._all.bmp``, ``..._hem.bmp``) disagree with their folder.
+
+    The label comes from the folder; a name that says the other class points to a misplaced file.
+    """
+    disagreeing = []
+    for sample in samples:
+        if sample.label is None or sample.group in ("prelim_test", "manifest"):
+            continue
+        named = _NAME_LABEL_PATTERN.search(sample.path.name)
+        if named is not None and LABEL_BY_NAME[named.group(1).lower()] != sample.label:
+            disagreeing.append(sample.path)
+    if not disagreeing:
+        return []
+    examples = ", ".join(str(path) for path in disagreeing[:3])
+    return [
+        f"{len(disagreeing)} images under {where} are named as the other class than their all/ or hem/ "
+        f"folder (for example {examples}); the folder decides the label, so check that they are in the right folder"
     ]
 
 

@@ -469,8 +469,8 @@ def _format(value: float | None) -> str:
 
 
 def _setup_logging(verbose: bool) -> None:
-    # Lightning 2.6 triggers this deprecation inside torch's pytree on every fit; it is not ours
-    # to fix and says nothing to a user.
+    # Lightning 2.6 triggers this deprecation inside torch's pytree on every fit. The fix belongs
+    # to Lightning, and the warning gives a user nothing to act on.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,

@@ -493,6 +493,8 @@ def test_name_disagrees_with_folder_warns(tmp_path):
 
     dataset = discover(tmp_path)
 
-    assert any("named as the other class" in message and "UID_5_1_1_all.bmp" in message
-               for message in dataset.warnings)
+    warnings = [message for message in dataset.warnings if "named as the other class" in message]
+    assert len(warnings) == 1
+    assert "UID_5_1_1_all.bmp" in warnings[0]
+    assert "UID_6_1_1_all.bmp" not in warnings[0]
     assert [s.label for s in dataset.samples if s.path.name == "UID_5_1_1_all.bmp"] == [0]

@@ -147,7 +147,7 @@ def test_fixed_crop_recorded_in_model(tmp_path):
 
 
 def test_main_job_on_real_subset(tmp_path):
-    """The issue's main-job command on the 392 real cells: every file, subject-disjoint split."""
+    """The main job on the 392 real cells writes every file, with a subject-disjoint split."""
     data = SHARED_DATA / "cnmc-subset"
     if not data.is_dir():
         pytest.skip("the shared real data is not present")

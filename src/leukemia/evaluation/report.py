@@ -108,7 +108,7 @@ def _write_predictions(path: Path, predictions: Predictions) -> None:
 
 
 def _write_per_subject(path: Path, predictions: Predictions) -> None:
-    """Accuracy per subject; each subject holds one class, so no per-subject AUC exists."""
+    """Accuracy per subject; each subject has one class, so no per-subject AUC exists."""
     indices: dict[str, list[int]] = defaultdict(list)
     for index, subject in enumerate(predictions.subjects):
         indices[subject or "unknown"].append(index)

@@ -12,7 +12,7 @@ THRESHOLD_RULES = ("fixed", "f1_weighted", "sensitivity")
 
 @dataclass(frozen=True)
 class ThresholdChoice:
-    """A threshold and the sentence that says how it was chosen, for the report and the model file."""
+    """A threshold and the sentence describing how it was chosen, for the report and the model file."""
 
     threshold: float
     rule: str

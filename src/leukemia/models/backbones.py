@@ -37,7 +37,7 @@ class WeightsUnavailableError(RuntimeError):
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """What a classifier must know about its backbone to preprocess and to be rebuilt.
+    """The facts about a backbone that a classifier needs to preprocess its input and to be rebuilt.
 
     Attributes:
         name: the backbone name as given to ``create_backbone``.
@@ -131,12 +131,18 @@ def _create_efficientnet_lite0(weights: str | Path | None) -> tuple[nn.Module, B
     return model, spec
 
 
+def check_backbone_name(name: str) -> None:
+    """Raise ValueError unless ``name`` is a built-in backbone or a timm model, without building it."""
+    if name in BUILTIN_BACKBONES or name.removeprefix("timm:") in timm.list_models():
+        return
+    raise ValueError(
+        f"unknown backbone {name!r}; use one of {', '.join(BUILTIN_BACKBONES)} or a timm model name "
+        "(timm.list_models() lists them)"
+    )
+
+
 def _create_timm(name: str, weights: str | Path | None) -> tuple[nn.Module, BackboneSpec]:
-    if name not in timm.list_models():
-        raise ValueError(
-            f"unknown backbone {name!r}; use one of {', '.join(BUILTIN_BACKBONES)} or a timm model name "
-            "(timm.list_models() lists them)"
-        )
+    check_backbone_name(name)
     pretrained = weights == "imagenet"
     try:
         model = timm.create_model(name, pretrained=pretrained, num_classes=0)

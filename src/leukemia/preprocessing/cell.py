@@ -125,8 +125,8 @@ def preprocess_cell(image: np.ndarray, config: PreprocessConfig = PreprocessConf
     enhanced = _clahe(config).apply(gray)
     mask = otsu_mask(enhanced, dark_background)
     mask = open_mask(mask, config.opening_kernel)
-    # 16-bit labels halve the memory traffic; after an opening of 3 pixels or more a window
-    # holds far fewer than 65,535 components.
+    # 16-bit labels halve the memory traffic. After an opening of 3 pixels or more, a window
+    # contains far fewer than 65,535 components.
     label_type = cv2.CV_16U if config.opening_kernel >= 3 and side <= 2048 else cv2.CV_32S
     mask, window_bbox = largest_component(mask, min_area=config.min_cell_fraction * side * side, label_type=label_type)
     bbox = (window_bbox[0] + left, window_bbox[1] + top, window_bbox[2], window_bbox[3])

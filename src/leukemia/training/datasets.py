@@ -27,7 +27,7 @@ def to_batch_tensor(image: np.ndarray, mean: tuple[float, ...], std: tuple[float
 
 
 class CachedCellDataset(Dataset):
-    """Preprocessed cells read one at a time from the cache, so an epoch never holds them all.
+    """Preprocessed cells read one at a time from the cache, so an epoch never keeps them all in memory.
 
     With ``n_views`` of 8, index ``i`` is image ``i // 8`` in dihedral view ``i % 8``.
     """

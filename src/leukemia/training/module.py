@@ -24,8 +24,8 @@ MONITOR_MODES = {
 class FrozenBackboneModule(L.LightningModule):
     """Trains ``model.head`` with weighted binary cross-entropy; the backbone stays frozen.
 
-    Batches hold cached backbone features by default. With ``live_backbone=True`` they hold
-    images, and the backbone runs on them at every step, as a notebook would; both give the
+    Batches contain cached backbone features by default. With ``live_backbone=True`` they
+    contain images, and the backbone runs on them at every step, as a notebook would. Both give the
     same model for the same views. The backbone stays inside the module either way, so that
     every checkpoint holds the whole classifier.
 
@@ -52,6 +52,10 @@ class FrozenBackboneModule(L.LightningModule):
         self.learning_rate = learning_rate
         self.live_backbone = live_backbone
         self.engine = engine or Engine.create("cpu", "float32")
+        if live_backbone and self.engine.channels_last:
+            # Batches arrive in channels-last, so the weights must match or every convolution
+            # converts them back; Lightning moves the module to its device itself.
+            self.model.backbone.to(memory_format=torch.channels_last)
         self.loss = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight))
         self._val_logits: list[torch.Tensor] = []
         self._val_targets: list[torch.Tensor] = []
@@ -95,7 +99,7 @@ class FrozenBackboneModule(L.LightningModule):
                 "val_accuracy": metrics["accuracy"],
                 "val_balanced_accuracy": metrics["balanced_accuracy"] or 0.0,
                 "val_f1_weighted": metrics["f1_weighted"],
-                # Undefined when validation holds one class; NaN would break checkpoint comparison.
+                # Undefined when validation contains one class, and NaN would break checkpoint comparison.
                 "val_roc_auc": roc_auc if roc_auc is not None and np.isfinite(roc_auc) else 0.0,
             },
             prog_bar=True,
@@ -106,7 +110,7 @@ class FrozenBackboneModule(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         # Lightning keeps each submodule's mode as it found it at the start of fit, and feature
-        # extraction leaves the whole model in eval mode; the head must train with dropout on,
+        # extraction leaves the whole model in eval mode. The head must train with dropout on,
         # while the frozen backbone keeps its batch-norm statistics fixed.
         self.model.head.train()
         self.model.backbone.eval()

@@ -32,7 +32,7 @@ from leukemia.evaluation.report import Predictions, write_report
 from leukemia.evaluation.thresholds import choose_threshold
 from leukemia.inference.checkpoint import save_checkpoint
 from leukemia.inference.engine import Engine, resolve_device
-from leukemia.models.backbones import BackboneSpec, create_backbone, weights_digest
+from leukemia.models.backbones import BackboneSpec, check_backbone_name, create_backbone, weights_digest
 from leukemia.models.classifier import CellClassifier
 from leukemia.pipeline import PreparedCells, environment_record, prepare_cells, write_skipped
 from leukemia.preprocessing.views import N_DIHEDRAL_VIEWS
@@ -93,7 +93,7 @@ def train(config: TrainConfig) -> TrainResult:
         return _train(config, run_dir, resume_from=None)
     except BaseException:
         # A run that failed before its first checkpoint (a wrong path, an unknown backbone, a
-        # data set without a class) leaves nothing to resume; removing its setup files lets
+        # data set without a class) leaves nothing to resume. Removing its setup files lets
         # the user rerun the same command once the cause is fixed.
         if distributed.is_main():
             _remove_unstarted_run(run_dir)
@@ -151,6 +151,9 @@ def _train(config: TrainConfig, run_dir: Path, *, resume_from: ResumePoint | Non
         _write_json(run_dir / "config.json", config.to_dict())
     else:
         config = replace(config, progress=False)
+
+    # A misspelt backbone fails here, before the data is read and preprocessed.
+    check_backbone_name(config.backbone)
 
     # Data: discovery, preprocessing into the cache, then the split.
     dataset = discover(config.data)
@@ -407,7 +410,7 @@ def _fit(
     earlier: list[dict[str, str]] = []
     if checkpoint is not None:
         # Lightning's CSV logger empties logs/ when the resumed run starts, so the epochs
-        # logged so far are kept beside it until the resumed run has merged them back; a run
+        # logged so far are kept beside it until the resumed run has merged them back. A run
         # interrupted again keeps them for the next resume.
         earlier = _merge_rows(_read_history(run_dir / EARLIER_HISTORY), _read_history(history_path))
         if earlier and distributed.is_main():

@@ -8,7 +8,7 @@ cache.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -29,7 +29,8 @@ def to_batch_tensor(image: np.ndarray, mean: tuple[float, ...], std: tuple[float
 class CachedCellDataset(Dataset):
     """Preprocessed cells read one at a time from the cache, so an epoch never keeps them all in memory.
 
-    With ``n_views`` of 8, index ``i`` is image ``i // 8`` in dihedral view ``i % 8``.
+    With ``n_views`` of 8, index ``i`` is image ``i // 8`` in dihedral view ``i % 8``. An
+    ``augment`` function (see ``leukemia.training.augment``) jitters each view after it is drawn.
     """
 
     def __init__(
@@ -40,6 +41,7 @@ class CachedCellDataset(Dataset):
         mean: tuple[float, ...],
         std: tuple[float, ...],
         n_views: int = 1,
+        augment: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> None:
         self.cache = cache
         self.keys = keys
@@ -47,6 +49,7 @@ class CachedCellDataset(Dataset):
         self.mean = mean
         self.std = std
         self.n_views = n_views
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.keys) * self.n_views
@@ -54,6 +57,8 @@ class CachedCellDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image_index, view = divmod(index, self.n_views)
         image = dihedral_view(self.cache.load(self.keys[image_index]), view)
+        if self.augment is not None:
+            image = self.augment(image)
         return to_batch_tensor(image, self.mean, self.std), torch.tensor(float(self.labels[image_index]))
 
 

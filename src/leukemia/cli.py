@@ -45,6 +45,8 @@ def _build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     _add_train(commands)
+    _add_cv(commands)
+    _add_compare(commands)
     _add_evaluate(commands)
     _add_predict(commands)
     _add_preprocess(commands)
@@ -94,116 +96,98 @@ def _add_common_data_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_train(commands: argparse._SubParsersAction) -> None:
-    from functools import partial
+    from leukemia.training.options import add_training_options
 
-    parser = commands.add_parser("train", allow_abbrev=False, help="the main job: preprocess, split by subject, train, evaluate")
-    parser.add_argument("--data", type=Path, default=None,
-                        help="data folder (any supported layout) or CSV manifest (required unless --resume)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="run directory to create; must be new or empty (required unless --resume)")
+    parser = commands.add_parser(
+        "train", allow_abbrev=False, help="the main job: preprocess, split by subject, train, evaluate",
+        description="Settings resolve in order: defaults, the --config YAML file, then the options given. The "
+                    "resolved settings are saved as config.yaml in the run directory and inside model.pt.")
     parser.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
-                        help="continue an interrupted run from RUN_DIR/checkpoints/last.ckpt with the settings in "
-                             "RUN_DIR/config.json; only --cache-dir and --workers may be given with it")
-    parser.add_argument("--backbone", default="resnet50",
-                        help="resnet50 (torchvision ImageNet weights, downloaded on first use), "
-                             "efficientnet_lite0 (offline ImageNet weights from the [offline] extra), "
-                             "or a timm model name (default: resnet50)")
-    parser.add_argument("--weights", default="imagenet",
-                        help="'imagenet', a local weights file (state dict), or 'none' for random weights")
-    parser.add_argument("--epochs", type=int, default=30, help="maximum epochs (default: 30)")
-    parser.add_argument("--batch-size", type=int, default=32, help="batch size (default: 32)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 0.001)")
-    parser.add_argument("--patience", type=int, default=5,
-                        help="epochs without a lower validation loss before stopping early (default: 5)")
-    parser.add_argument("--monitor", default="val_loss",
-                        help="validation metric that picks the best checkpoint: val_loss, val_accuracy, "
-                             "val_balanced_accuracy, val_f1_weighted or val_roc_auc (default: val_loss)")
-    parser.add_argument("--pos-weight", default="auto",
-                        help="loss weight of ALL; 'auto' is n(HEM)/n(ALL) in the training split (default: auto)")
-    parser.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
-    parser.add_argument("--val-fraction", type=float, default=0.15, help="validation share of images (default: 0.15)")
-    parser.add_argument("--test-fraction", type=float, default=0.2,
-                        help="test share of images when no labeled test set exists (default: 0.2)")
-    parser.add_argument("--views", type=int, choices=(1, 8), default=1,
-                        help="8 shows each training cell in one of its 8 rotations/flips per epoch (default: 1)")
-    parser.add_argument("--live-backbone", action="store_true",
-                        help="run the frozen backbone at every training step instead of on cached features "
-                             "(slower, same model; for comparison)")
-    parser.add_argument("--loader-workers", type=int, default=0,
-                        help="DataLoader processes that decode cells for the backbone (default: 0; use 4 or more on a GPU)")
-    parser.add_argument("--image-level-split", action="store_true",
-                        help="split images at random instead of by subject; leaks subjects across splits, so "
-                             "results are optimistic (for showing that effect only)")
-    parser.add_argument("--threshold-rule", choices=("fixed", "f1_weighted", "sensitivity"), default="fixed",
-                        help="decision threshold on the probability of ALL: fixed (0.5), f1_weighted (maximises "
-                             "weighted F1 on validation) or sensitivity (the largest threshold reaching "
-                             "--target-sensitivity on validation); stored in model.pt (default: fixed)")
-    parser.add_argument("--target-sensitivity", type=float, default=0.95,
-                        help="ALL recall the sensitivity rule must reach on validation (default: 0.95)")
-    parser.add_argument("--tta", action="store_true",
-                        help="test-time augmentation: average the probability over the 8 rotations and flips of "
-                             "each cell; stored in model.pt, so predict, evaluate and the app do the same")
-    group = parser.add_argument_group(
-        "processes", "several processes (CPU processes or GPUs, on one or more nodes) are started by torchrun or "
-                     "srun, e.g. torchrun --nproc-per-node 4 -m leukemia.cli train ... --strategy ddp")
-    group.add_argument("--devices", type=_devices_value, default="auto",
-                       help="training processes per node; auto takes the number torchrun or srun started, or 1 "
-                            "without a launcher (default: auto)")
-    group.add_argument("--num-nodes", type=int, default=1, help="nodes the launcher started processes on (default: 1)")
-    group.add_argument("--strategy", choices=("auto", "ddp"), default="auto",
-                       help="Lightning strategy; ddp trains each process on its share of the training cells "
-                            "(default: auto, which is ddp with several processes)")
-    _add_common_data_options(parser)
-    _add_engine_options(parser)
-    _add_preprocess_options(parser)
-    # The defaults show which options were given, because --resume rejects most of them.
-    parser.set_defaults(handler=partial(_run_train, defaults=vars(parser.parse_args([]))))
+                        help="continue an interrupted run from its last checkpoint with the settings in "
+                             "RUN_DIR/config.yaml; only --cache-dir and --workers may be given with it")
+    add_training_options(parser)
+    parser.set_defaults(handler=_run_train)
 
 
-def _run_train(args: argparse.Namespace, defaults: dict | None = None) -> int:
+def _run_train(args: argparse.Namespace) -> int:
     from leukemia import distributed
-    from leukemia.training.config import TrainConfig
+    from leukemia.training.options import RESUME_OPTIONS, given_settings, resolve_config
     from leukemia.training.run import resume_training, train
 
     if args.resume is not None:
-        # Settings come from the run's config.json; only options that leave the results unchanged may differ.
-        given = [f"--{name.replace('_', '-')}" for name, value in (defaults or {}).items()
-                 if name not in ("resume", "cache_dir", "workers") and getattr(args, name) != value]
+        # Settings come from the run's config.yaml; only options that leave the results unchanged may differ.
+        given = [flag for flag in given_settings(args) if flag.removeprefix("--").replace("-", "_") not in RESUME_OPTIONS]
+        given += [f"--{name}" for name in ("config", "data", "out") if hasattr(args, name)]
         if given:
-            raise ValueError(f"--resume continues {args.resume} with the settings in its config.json; drop "
+            raise ValueError(f"--resume continues {args.resume} with the settings in its config.yaml; drop "
                              f"{', '.join(given)} (only --cache-dir and --workers may be given with --resume)")
-        result = resume_training(args.resume, cache_dir=args.cache_dir, workers=args.workers)
+        result = resume_training(args.resume, cache_dir=getattr(args, "cache_dir", None),
+                                 workers=getattr(args, "workers", None))
         if distributed.is_main():
             _print_train_summary(result)
         return 0
-    if args.data is None or args.out is None:
-        raise ValueError("leukemia train needs --data and --out, or --resume RUN_DIR to continue an interrupted run")
+    if not hasattr(args, "config") and not (hasattr(args, "data") and hasattr(args, "out")):
+        raise ValueError("leukemia train needs --data and --out (or a --config file that sets them), or --resume "
+                         "RUN_DIR to continue an interrupted run")
 
-    pos_weight = args.pos_weight if args.pos_weight == "auto" else float(args.pos_weight)
-    config = TrainConfig(
-        data=args.data, out=args.out, backbone=args.backbone, weights=args.weights, epochs=args.epochs,
-        batch_size=args.batch_size, learning_rate=args.lr, patience=args.patience, monitor=args.monitor,
-        pos_weight=pos_weight, seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-        image_level_split=args.image_level_split, cache_dir=args.cache_dir, workers=args.workers,
-        views=args.views, live_backbone=args.live_backbone, device=args.device, precision=args.precision,
-        loader_workers=args.loader_workers, devices=args.devices, num_nodes=args.num_nodes,
-        strategy=args.strategy, threshold_rule=args.threshold_rule, target_sensitivity=args.target_sensitivity,
-        tta=args.tta,
-        preprocess=_preprocess_config(args),
-    )
-    result = train(config)
+    result = train(resolve_config(args))
     if distributed.is_main():
         _print_train_summary(result)
     return 0
 
 
-def _devices_value(text: str) -> int | str:
-    """Parse --devices: "auto" or a whole number of at least 1."""
-    if text == "auto":
-        return text
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}; use a whole number of at least 1, or auto")
-    return int(text)
+def _add_cv(commands: argparse._SubParsersAction) -> None:
+    from leukemia.training.options import add_training_options
+
+    parser = commands.add_parser(
+        "cv", allow_abbrev=False, help="cross-validation grouped by subject, with bootstrap intervals",
+        description="Trains one run per fold into OUT/fold_K (the fold is the test split; validation subjects come "
+                    "from the other folds), then pools the held-out predictions into cv_report.md and "
+                    "cv_summary.json: each metric per fold, mean and spread, and a 95 % interval from a bootstrap "
+                    "over subjects. Rerun the same command to continue an interrupted cross-validation.")
+    parser.add_argument("--folds", type=int, default=None, metavar="K",
+                        help="number of folds; by default the official C-NMC folds when the data has them, "
+                             "otherwise 5 folds of whole subjects")
+    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default: 2000)")
+    add_training_options(parser)
+    parser.set_defaults(handler=_run_cv)
+
+
+def _run_cv(args: argparse.Namespace) -> int:
+    from leukemia.training.cv import CV_REPORT, cross_validate, format_report
+    from leukemia.training.options import resolve_config
+
+    if not hasattr(args, "config") and not (hasattr(args, "data") and hasattr(args, "out")):
+        raise ValueError("leukemia cv needs --data and --out, or a --config file that sets them")
+    if args.resamples < 100:
+        raise ValueError(f"invalid --resamples {args.resamples}; use 100 or more (2000 is usual)")
+    config = resolve_config(args, cv_folds=args.folds)
+    result = cross_validate(config, n_resamples=args.resamples)
+    print(format_report(result.summary))
+    print(f"report: {result.out / CV_REPORT}; each fold's run: {result.out}/fold_K")
+    return 0
+
+
+def _add_compare(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "compare", allow_abbrev=False, help="compare two cross-validations of the same data, paired by subject",
+        description="Prints each metric of both with its 95 % interval, and the difference SECOND - FIRST with an "
+                    "interval from the same subject resamples (paired).")
+    parser.add_argument("first", type=Path, help="--out folder of a finished `leukemia cv` (the baseline)")
+    parser.add_argument("second", type=Path, help="--out folder of another `leukemia cv` on the same data")
+    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default: 2000)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the comparison to this JSON file")
+    parser.set_defaults(handler=_run_compare)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from leukemia.training.cv import compare, format_comparison
+
+    result = compare(args.first, args.second, n_resamples=args.resamples)
+    if args.out is not None:
+        args.out.write_text(json.dumps(result, indent=2), encoding="utf-8")
+    print(format_comparison(result))
+    return 0
 
 
 def _print_train_summary(result) -> None:

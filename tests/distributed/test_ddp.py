@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from leukemia.cli import main
 from leukemia.inference.inputs import collect_input_files
@@ -136,7 +137,7 @@ def test_ddp_ranks_share_feature_work(ddp_run):
 
 def test_ddp_writes_one_run_directory(ddp_run):
     run_dir = ddp_run[0]
-    config = json.loads((run_dir / "config.json").read_text())
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
 
     assert (run_dir / "model.pt").is_file()
     assert (run_dir / "checkpoints" / "best.ckpt").is_file()

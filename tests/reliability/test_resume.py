@@ -130,7 +130,7 @@ def test_resume_needs_run_directory(tmp_path, caplog):
     code = main(["train", "--resume", str(tmp_path)])
 
     assert code == 2
-    assert f"config.json not found in {tmp_path}, so it is no run directory" in caplog.text
+    assert f"config.yaml not found in {tmp_path}, so it is no run directory" in caplog.text
 
 
 def test_train_needs_data_or_resume(tmp_path, caplog):

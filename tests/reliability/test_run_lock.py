@@ -6,7 +6,6 @@ processes: a live one started for the test, and one that has already ended.
 
 from __future__ import annotations
 
-import json
 import shutil
 import socket
 import subprocess
@@ -51,7 +50,7 @@ def _lock(run_dir: Path, pid: int) -> Path:
 def _run_dir_with_config(run_dir: Path) -> Path:
     run_dir.mkdir(parents=True)
     config = TrainConfig(data=SAMPLE, out=run_dir, backbone="efficientnet_lite0", cache_dir=run_dir.parent / "cache")
-    (run_dir / "config.json").write_text(json.dumps(config.to_dict()))
+    (run_dir / "config.yaml").write_text(config.to_yaml())
     return run_dir
 
 
@@ -98,7 +97,7 @@ def test_lock_released_after_failure(tmp_path):
         train(config)
 
     assert not (out / "run.lock").exists()
-    assert not (out / "config.json").exists(), "a run that never trained leaves nothing to resume"
+    assert not (out / "config.yaml").exists(), "a run that never trained leaves nothing to resume"
 
 
 def test_resume_rejects_live_lock(tmp_path, live_pid):

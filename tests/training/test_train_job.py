@@ -18,7 +18,7 @@ SAMPLE = REPO / "examples" / "cnmc-sample"
 SHARED_DATA = REPO.parent / "shared" / "data"
 REPORT_FILES = (
     "model.pt", "metrics.json", "classification_report.txt", "confusion_matrix.png", "accuracy.png",
-    "loss.png", "roc.png", "predictions.csv", "per_subject.csv", "split.csv", "skipped.csv", "config.json",
+    "loss.png", "roc.png", "predictions.csv", "per_subject.csv", "split.csv", "skipped.csv", "config.yaml",
     "checkpoints/best.ckpt", "checkpoints/last.ckpt", "logs/metrics.csv",
 )
 

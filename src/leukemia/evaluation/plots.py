@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -44,15 +45,28 @@ def plot_roc(targets: np.ndarray, probs: np.ndarray, roc_auc: float | None, path
     _save(figure, path)
 
 
-def plot_history(history_csv: Path, out_dir: Path) -> None:
-    """Draw ``accuracy.png`` and ``loss.png`` from Lightning's CSV log, one point per epoch."""
-    history = read_history(history_csv)
+def plot_history(history_csvs: Sequence[Path], out_dir: Path) -> None:
+    """Draw ``accuracy.png`` and ``loss.png`` from Lightning's CSV logs, one point per epoch.
+
+    Several logs are training stages in order (frozen, then fine-tuning); their epochs are
+    numbered on, and a dashed line marks where each later stage starts.
+    """
+    histories = [read_history(path) for path in history_csvs]
     for metric, file_name in (("accuracy", "accuracy.png"), ("loss", "loss.png")):
         figure, axes = plt.subplots(figsize=(5, 3.5))
-        for split in ("train", "val"):
-            epochs = sorted(e for e, row in history.items() if f"{split}_{metric}" in row)
-            axes.plot([e + 1 for e in epochs], [history[e][f"{split}_{metric}"] for e in epochs],
-                      marker="o", label=split)
+        for split, colour in (("train", "tab:blue"), ("val", "tab:orange")):
+            offset = 0
+            for index, history in enumerate(histories):
+                epochs = sorted(e for e, row in history.items() if f"{split}_{metric}" in row)
+                axes.plot([offset + e + 1 for e in epochs], [history[e][f"{split}_{metric}"] for e in epochs],
+                          marker="o", color=colour, label=split if index == 0 else None)
+                offset += max(history, default=-1) + 1
+        offset = 0
+        for history in histories[:-1]:
+            offset += max(history, default=-1) + 1
+            axes.axvline(offset + 0.5, color="grey", linestyle="--", linewidth=1)
+        if len(histories) > 1:
+            axes.text(offset + 0.6, axes.get_ylim()[1], "fine-tuning", va="top", fontsize=8, color="grey")
         axes.set_xlabel("epoch")
         axes.set_ylabel(metric)
         axes.set_title(f"Training history: {metric}")

@@ -7,6 +7,7 @@ import json
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -53,12 +54,13 @@ def write_report(
     validation: Predictions | None = None,
     header_lines: tuple[str, ...] = (),
     extra: dict | None = None,
-    history_csv: Path | None = None,
+    history_csvs: Sequence[Path] = (),
 ) -> dict:
     """Write metrics.json, classification_report.txt, figures, predictions.csv and per_subject.csv.
 
     ``header_lines`` come first in metrics.json (as "notes") and in the text report; a
-    subject-leakage warning belongs there. Returns the metrics dictionary.
+    subject-leakage warning belongs there. ``history_csvs`` are the training stages' CSV logs,
+    in order; missing ones are skipped. Returns the metrics dictionary.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics: dict = {"notes": list(header_lines)} if header_lines else {}
@@ -73,8 +75,9 @@ def write_report(
     _write_per_subject(out_dir / "per_subject.csv", test)
     plot_confusion_matrix(metrics["test"]["confusion_matrix"], out_dir / "confusion_matrix.png")
     plot_roc(test.targets, test.probs, metrics["test"]["roc_auc"], out_dir / "roc.png")
-    if history_csv is not None and history_csv.is_file():
-        plot_history(history_csv, out_dir)
+    stages = [path for path in history_csvs if path.is_file()]
+    if stages:
+        plot_history(stages, out_dir)
     return metrics
 
 

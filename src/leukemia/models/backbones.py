@@ -167,6 +167,42 @@ def _create_timm(name: str, weights: str | Path | None) -> tuple[nn.Module, Back
     return model, spec
 
 
+def parameter_stages(backbone: nn.Module) -> dict[str, int]:
+    """Number the backbone's stages from input to output; return the stage of each parameter.
+
+    Stages end where the feature map shrinks: at the modules in timm's ``feature_info``, or at
+    ``layer1`` ... ``layer4`` of a torchvision ResNet. The stem joins the first stage, and
+    layers after the last stage end (EfficientNet's ``conv_head``) join the last stage.
+    Fine-tuning the last K stages unfreezes the parameters numbered ``n - K`` and above.
+
+    Raises:
+        ValueError: the backbone exposes no stage structure.
+    """
+    if hasattr(backbone, "feature_info"):
+        ends = [info["module"] for info in backbone.feature_info]
+    elif isinstance(backbone, torchvision.models.ResNet):
+        ends = ["layer1", "layer2", "layer3", "layer4"]
+    else:
+        raise ValueError(f"{type(backbone).__name__} exposes no stages; fine-tune all of it instead")
+
+    names = [name for name, _ in backbone.named_parameters()]
+    last_index = {}
+    for end in ends:
+        inside = [i for i, name in enumerate(names) if name.startswith(f"{end}.")]
+        if inside:  # an end without parameters (timm ResNet's act1) marks no stage
+            last_index[end] = max(inside)
+    boundaries = sorted(last_index.values())
+    stages = {}
+    for i, name in enumerate(names):
+        stages[name] = min(sum(1 for boundary in boundaries if boundary < i), len(boundaries) - 1)
+    return stages
+
+
+def count_stages(backbone: nn.Module) -> int:
+    """Return the number of stages ``parameter_stages`` finds."""
+    return max(parameter_stages(backbone).values()) + 1
+
+
 def map_lukemelas_to_timm(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """Rename an EfficientNet state dict from lukemelas naming to timm's, without the classifier.
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+import yaml
 
 from leukemia.evaluation.thresholds import THRESHOLD_RULES
 from leukemia.preprocessing.cell import PreprocessConfig
@@ -13,6 +16,7 @@ from leukemia.training.module import MONITOR_MODES
 # that start processes themselves (ddp_spawn, ddp_fork) would rerun only the training step,
 # not the job around it, and sharded ones (fsdp, deepspeed) bring nothing to a small head.
 STRATEGIES = ("auto", "ddp")
+BATCH_NORM_MODES = ("frozen", "train")
 
 
 @dataclass
@@ -51,6 +55,22 @@ class TrainConfig:
         target_sensitivity: the ALL recall the "sensitivity" rule must reach.
         tta: evaluate with test-time augmentation, averaging the probability over the 8
             dihedral views of each cell; stored in the model file, so predict does the same.
+        finetune_epochs: epochs of the fine-tuning stage after the frozen stage; 0 trains the
+            head on the frozen backbone only.
+        finetune_lr: peak AdamW learning rate of the fine-tuning stage, for the backbone and head.
+        finetune_stages: how many of the backbone's last stages fine-tuning trains, or "all".
+        warmup_epochs: epochs over which the fine-tuning learning rate rises linearly to its
+            peak; a cosine decay to zero follows.
+        weight_decay: AdamW's decoupled weight decay in the fine-tuning stage.
+        batch_norm: "frozen" keeps the backbone's batch-norm statistics and parameters as
+            pretrained during fine-tuning; "train" updates those of the trained stages.
+        scale_jitter: largest relative zoom of a training cell (0.1: factor 0.9 to 1.1).
+        color_jitter: largest relative change of brightness, contrast and saturation of a
+            training cell; the hue moves by a fifth of it. Both jitters apply where the backbone
+            sees the images: fine-tuning and ``live_backbone`` training.
+        cv_fold: set by ``leukemia cv``: the fold (0-based) that is this run's test split.
+        cv_folds: set by ``leukemia cv``: the number of folds; None takes the official C-NMC
+            folds when the data has them, otherwise 5 folds of subjects.
         progress: show progress bars.
     """
 
@@ -83,6 +103,16 @@ class TrainConfig:
     threshold_rule: str = "fixed"
     target_sensitivity: float = 0.95
     tta: bool = False
+    finetune_epochs: int = 0
+    finetune_lr: float = 1e-4
+    finetune_stages: int | str = "all"
+    warmup_epochs: float = 1.0
+    weight_decay: float = 0.01
+    batch_norm: str = "frozen"
+    scale_jitter: float = 0.0
+    color_jitter: float = 0.0
+    cv_fold: int | None = None
+    cv_folds: int | None = None
     progress: bool = True
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
@@ -108,6 +138,20 @@ class TrainConfig:
             raise ValueError(f"invalid devices {self.devices!r}; use a whole number of at least 1, or 'auto'")
         if self.num_nodes < 1:
             raise ValueError(f"invalid num_nodes {self.num_nodes}; use 1 or more")
+        if self.finetune_epochs < 0 or self.warmup_epochs < 0 or self.weight_decay < 0 or self.finetune_lr <= 0:
+            raise ValueError("finetune_epochs, warmup_epochs and weight_decay must be 0 or more, finetune_lr above 0")
+        if self.finetune_stages != "all" and (isinstance(self.finetune_stages, bool)
+                                              or not isinstance(self.finetune_stages, int) or self.finetune_stages < 1):
+            raise ValueError(f"invalid finetune_stages {self.finetune_stages!r}; use a whole number of at least 1, "
+                             "or 'all'")
+        if self.batch_norm not in BATCH_NORM_MODES:
+            raise ValueError(f"invalid batch_norm {self.batch_norm!r}; use one of {', '.join(BATCH_NORM_MODES)}")
+        if not 0 <= self.scale_jitter < 0.5 or not 0 <= self.color_jitter < 1:
+            raise ValueError("scale_jitter must be in [0, 0.5) and color_jitter in [0, 1)")
+        if self.cv_folds is not None and self.cv_folds < 2:
+            raise ValueError(f"invalid cv_folds {self.cv_folds}; cross-validation needs at least 2 folds")
+        if self.cv_fold is not None and (self.cv_fold < 0 or (self.cv_folds is not None and self.cv_fold >= self.cv_folds)):
+            raise ValueError(f"invalid cv_fold {self.cv_fold}; folds are numbered from 0 to cv_folds - 1")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"invalid strategy {self.strategy!r}; use one of {', '.join(STRATEGIES)}")
 
@@ -117,6 +161,11 @@ class TrainConfig:
         for key in ("data", "out", "cache_dir"):
             values[key] = None if values[key] is None else str(values[key])
         return values
+
+    def to_yaml(self) -> str:
+        """Return the settings as YAML that ``load_settings`` and ``--config`` read back."""
+        header = "# Resolved settings of a `leukemia train` run; pass this file to --config to rerun it.\n"
+        return header + yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
@@ -129,9 +178,52 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training setting(s) {', '.join(unknown)}; the run was written by another version")
         values = dict(values)
+        for key in ("data", "out"):
+            if values.get(key) is None:
+                raise ValueError(f"the setting {key!r} is missing; give --{key} or set {key} in the configuration file")
         for key in ("data", "out", "cache_dir"):
             if values.get(key) is not None:
                 values[key] = Path(values[key])
         if isinstance(values.get("preprocess"), dict):
             values["preprocess"] = PreprocessConfig.from_dict(values["preprocess"])
         return cls(**values)
+
+
+def load_settings(path: Path) -> dict:
+    """Read training settings from a YAML (or JSON) file, checking the names; return them as a dict.
+
+    Keys are the attribute names of ``TrainConfig``; ``preprocess`` contains a mapping of
+    ``PreprocessConfig`` names. Any key may be left out, and takes its default or the value
+    given on the command line.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is not a YAML mapping, or names an unknown setting (the message
+            suggests the nearest known name).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"configuration file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not a readable YAML file: {error}") from error
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a mapping of setting names to values, not a {type(values).__name__}")
+    _check_names(path, values, [f.name for f in fields(TrainConfig)])
+    if "preprocess" in values:
+        if not isinstance(values["preprocess"], dict):
+            raise ValueError(f"{path}: 'preprocess' must be a mapping of preprocessing settings")
+        _check_names(path, values["preprocess"], [f.name for f in fields(PreprocessConfig)], section="preprocess.")
+    return values
+
+
+def _check_names(path: Path, values: dict, known: list[str], *, section: str = "") -> None:
+    for name in values:
+        if name in known:
+            continue
+        close = difflib.get_close_matches(str(name), known, n=1)
+        hint = f"; did you mean {section}{close[0]}?" if close else f"; known settings: {', '.join(known)}"
+        raise ValueError(f"{path}: unknown setting {section}{name}{hint}")

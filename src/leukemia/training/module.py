@@ -9,6 +9,7 @@ from torch import nn
 
 from leukemia.evaluation.metrics import compute_metrics
 from leukemia.inference.engine import Engine
+from leukemia.models.backbones import parameter_stages
 from leukemia.models.classifier import CellClassifier
 
 # Validation metrics logged every epoch; any of them can be named to choose the best checkpoint.
@@ -119,3 +120,96 @@ class FrozenBackboneModule(L.LightningModule):
         if self.seed is not None:
             # The rank term gives DDP ranks different dropout masks; it is 0 in one process.
             torch.manual_seed(self.seed * 1_000_003 + self.global_step + 7_919 * self.global_rank)
+
+
+class FineTuneModule(FrozenBackboneModule):
+    """Trains the head and the last ``stages`` stages of the backbone on images, after the frozen stage.
+
+    The optimiser is AdamW (decoupled weight decay) at one learning rate for every trained
+    parameter, which rises linearly over ``warmup_steps`` and then follows a cosine decay
+    to zero at ``total_steps``. A small learning rate and the warm-up keep the first updates
+    from wiping out the ImageNet features while the head is still adapting to them.
+
+    With ``freeze_batch_norm`` (the default), every batch-norm layer keeps its ImageNet
+    running statistics and affine parameters: batches of a few dozen cells of one stain
+    estimate them poorly. Without it, the batch-norm layers of the trained stages update both.
+    Stages that are not trained stay in eval mode either way.
+    """
+
+    def __init__(
+        self,
+        model: CellClassifier,
+        *,
+        learning_rate: float,
+        pos_weight: float,
+        weight_decay: float,
+        warmup_steps: int,
+        total_steps: int,
+        stages: int | None = None,
+        freeze_batch_norm: bool = True,
+        engine: Engine | None = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(model, learning_rate=learning_rate, pos_weight=pos_weight, live_backbone=True,
+                         engine=engine, seed=seed)
+        self.weight_decay = weight_decay
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.freeze_batch_norm = freeze_batch_norm
+        self.trained_modules = _unfreeze_last_stages(model.backbone, stages, freeze_batch_norm)
+
+    def head_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        # Lightning's precision plugin supplies autocast, and gradients flow into the trained stages.
+        features = self.model.backbone(self.engine.prepare_batch(inputs))
+        return self.model.forward_head(features).float()
+
+    def configure_optimizers(self):
+        parameters = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(parameters, lr=self.learning_rate, weight_decay=self.weight_decay)
+        warmup = max(1, self.warmup_steps)
+        schedule = torch.optim.lr_scheduler.SequentialLR(
+            optimizer,
+            [
+                torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / warmup, total_iters=warmup),
+                torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.total_steps - warmup)),
+            ],
+            milestones=[warmup],
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_train_epoch_start(self) -> None:
+        self.model.eval()
+        self.model.head.train()
+        for module in self.trained_modules:
+            module.train()
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_index: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_index)
+        self.log("learning_rate", self.optimizers().param_groups[0]["lr"], on_step=False, on_epoch=True,
+                 batch_size=len(batch[1]))
+        return loss
+
+
+def _unfreeze_last_stages(backbone: nn.Module, stages: int | None, freeze_batch_norm: bool) -> list[nn.Module]:
+    """Let gradients into the last ``stages`` stages (all with None); return the modules that train.
+
+    Returns the trained stages' leaf modules other than batch norm when ``freeze_batch_norm``,
+    so that putting them in train mode leaves the batch-norm statistics alone.
+    """
+    if stages is None:
+        trained = {name for name, _ in backbone.named_parameters()}
+    else:
+        numbers = parameter_stages(backbone)
+        first = max(numbers.values()) + 1 - stages
+        trained = {name for name, number in numbers.items() if number >= first}
+    modules = []
+    for module_name, module in backbone.named_modules():
+        own = [f"{module_name}.{name}" if module_name else name for name, _ in module.named_parameters(recurse=False)]
+        is_norm = isinstance(module, nn.modules.batchnorm._BatchNorm)
+        if not own or not all(name in trained for name in own):
+            continue
+        for parameter in module.parameters(recurse=False):
+            parameter.requires_grad_(not (is_norm and freeze_batch_norm))
+        if not (is_norm and freeze_batch_norm):
+            modules.append(module)
+    return modules

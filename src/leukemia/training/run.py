@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
+import math
 import os
 import pickle
 import shutil
@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from leukemia import distributed
 from leukemia.data.discovery import DataSet, Sample, discover
-from leukemia.data.splits import LEAKAGE_WARNING, Split, check_subject_disjoint, make_split
+from leukemia.data.splits import LEAKAGE_WARNING, Split, check_subject_disjoint, make_fold_split, make_split
 from leukemia.evaluation.html_report import write_html_report
 from leukemia.evaluation.report import Predictions, write_report
 from leukemia.evaluation.thresholds import choose_threshold
@@ -37,21 +37,53 @@ from leukemia.models.classifier import CellClassifier
 from leukemia.pipeline import PreparedCells, environment_record, prepare_cells, write_skipped
 from leukemia.preprocessing.views import N_DIHEDRAL_VIEWS
 from leukemia.preprocessing.cache import PreprocessCache, default_cache_dir, write_atomically
-from leukemia.training.config import TrainConfig
+from leukemia.training.augment import build_augmentation
+from leukemia.training.config import TrainConfig, load_settings
 from leukemia.training.datasets import CachedCellDataset, FeatureDataset, ViewSampler
 from leukemia.training.features import FeatureCache, compute_features, extract_features
-from leukemia.training.module import MONITOR_MODES, FrozenBackboneModule
+from leukemia.training.module import MONITOR_MODES, FineTuneModule, FrozenBackboneModule
 
 logger = logging.getLogger(__name__)
 
 # Created with O_EXCL while a run writes into its directory. It contains the PID and the host name.
 LOCK_FILE = "run.lock"
-EARLIER_HISTORY = "history_before_resume.csv"
-LAST_CHECKPOINT = "checkpoints/last.ckpt"
+# The resolved settings, in the form that --config reads back.
+RUN_CONFIG = "config.yaml"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Where a training stage keeps its checkpoints and history inside the run directory.
+
+    The frozen stage trains the head on a frozen backbone; the optional fine-tuning stage then
+    trains the head and the backbone's last stages together.
+    """
+
+    name: str
+    checkpoint_dir: str
+    log_version: str
+
+    def last_checkpoint(self, run_dir: Path) -> Path:
+        return run_dir / self.checkpoint_dir / "last.ckpt"
+
+    def history(self, run_dir: Path) -> Path:
+        return run_dir / "logs" / self.log_version / "metrics.csv"
+
+    def earlier_history(self, run_dir: Path) -> Path:
+        """Where the history logged before a resume waits until the resumed run has merged it back."""
+        suffix = f"_{self.log_version}" if self.log_version else ""
+        return run_dir / f"history_before_resume{suffix}.csv"
+
+
+FROZEN = Stage("frozen", "checkpoints", "")
+FINETUNE = Stage("finetune", "checkpoints/finetune", "finetune")
 
 
 class RunDirectoryLockedError(RuntimeError):
     """Another run writes into the run directory, or an interrupted one left its lock behind."""
+
+
+_TRAINING_PRECISION = {"float32": "32-true", "bfloat16": "bf16-mixed", "float16": "16-mixed"}
 
 
 class ResumePoint(NamedTuple):
@@ -90,7 +122,7 @@ def train(config: TrainConfig) -> TrainResult:
     _join_processes(config)
     run_dir = distributed.on_main(_create_run_dir, config.out)
     try:
-        return _train(config, run_dir, resume_from=None)
+        return _train(config, run_dir, resuming=False)
     except BaseException:
         # A run that failed before its first checkpoint (a wrong path, an unknown backbone, a
         # data set without a class) leaves nothing to resume. Removing its setup files lets
@@ -105,7 +137,7 @@ def train(config: TrainConfig) -> TrainResult:
 def _remove_unstarted_run(run_dir: Path) -> None:
     if (run_dir / "checkpoints").exists():
         return
-    for name in ("config.json", "skipped.csv", "split.csv"):
+    for name in (RUN_CONFIG, "skipped.csv", "split.csv"):
         (run_dir / name).unlink(missing_ok=True)
     shutil.rmtree(run_dir / "logs", ignore_errors=True)
 
@@ -116,12 +148,13 @@ def resume_training(
     cache_dir: Path | None = None,
     workers: int | None = None,
 ) -> TrainResult:
-    """Continue an interrupted run from ``checkpoints/last.ckpt`` with the settings in its config.json.
+    """Continue an interrupted run from its last checkpoint with the settings in its config.yaml.
 
     Data, split and features are prepared again as the first time (the caches make this
     quick), and training continues after the last saved epoch. With the same data, the
     results equal those of a run never interrupted. Without a checkpoint, training starts
-    from the first epoch. Resuming a finished run writes its report again.
+    from the first epoch. A run interrupted in fine-tuning continues from
+    ``checkpoints/finetune/last.ckpt``. Resuming a finished run writes its report again.
 
     Args:
         run_dir: the ``--out`` folder of the interrupted run.
@@ -129,7 +162,7 @@ def resume_training(
         workers: preprocessing processes; they do not change the results.
 
     Raises:
-        FileNotFoundError: ``run_dir`` contains no config.json, or the recorded data is gone.
+        FileNotFoundError: ``run_dir`` contains no config.yaml, or the recorded data is gone.
         RunDirectoryLockedError: another run is still writing into ``run_dir``.
         RuntimeError: last.ckpt is damaged.
     """
@@ -138,17 +171,17 @@ def resume_training(
     _join_processes(config)
     distributed.on_main(_acquire_lock, run_dir, replace_stale=True)
     try:
-        return _train(config, run_dir, resume_from=distributed.on_main(_resume_point, run_dir))
+        return _train(config, run_dir, resuming=True)
     finally:
         _release_lock(run_dir)
 
 
-def _train(config: TrainConfig, run_dir: Path, *, resume_from: ResumePoint | None) -> TrainResult:
+def _train(config: TrainConfig, run_dir: Path, *, resuming: bool) -> TrainResult:
     L.seed_everything(config.seed, workers=True)
     # Rank 0 alone writes into the run directory and shows progress bars.
     main = distributed.is_main()
     if main:
-        _write_json(run_dir / "config.json", config.to_dict())
+        write_atomically(run_dir / RUN_CONFIG, config.to_yaml().encode("utf-8"))
     else:
         config = replace(config, progress=False)
 
@@ -162,13 +195,7 @@ def _train(config: TrainConfig, run_dir: Path, *, resume_from: ResumePoint | Non
     cells = prepare_cells(dataset.labeled, cache, workers=config.workers, progress=config.progress)
     if main:
         write_skipped(run_dir / "skipped.csv", cells.skipped)
-    split = make_split(
-        cells.samples,
-        val_fraction=config.val_fraction,
-        test_fraction=config.test_fraction,
-        image_level=config.image_level_split,
-        seed=config.seed,
-    )
+    split = _make_split(config, cells.samples)
     _check_split(split)
     if main:
         split.write_csv(run_dir / "split.csv")
@@ -193,24 +220,77 @@ def _train(config: TrainConfig, run_dir: Path, *, resume_from: ResumePoint | Non
             for name, split_keys in keys.items()
         }
 
-    # Training: Lightning runs the loop, keeps the best and last checkpoints, stops early.
+    # Frozen stage: Lightning runs the loop, keeps the best and last checkpoints, stops early.
     module = FrozenBackboneModule(
         model, learning_rate=config.learning_rate, pos_weight=_pos_weight(config, split.train),
         live_backbone=config.live_backbone, engine=engine, seed=config.seed,
     )
-    trainer, checkpoint_callback = _build_trainer(config, run_dir, engine)
-    _fit(trainer, module, _loaders(config, split, keys, cache, spec, inputs, engine), run_dir, resume_from)
+    trainer, checkpoint_callback = _build_trainer(config, run_dir, engine, FROZEN)
+    loaders = _loaders(config, split, keys, cache, spec, inputs, engine, augment=config.live_backbone)
+    _fit(trainer, module, loaders, run_dir, FROZEN,
+         distributed.on_main(_resume_point, run_dir, FROZEN) if resuming else None)
+    _restore_best(module, checkpoint_callback)
+
+    # Fine-tuning stage: the head and the backbone's last stages train together on the images.
+    if config.finetune_epochs:
+        module, checkpoint_callback = _finetune(config, run_dir, model, split, keys, cache, engine, resuming=resuming)
+        inputs = None  # the cached features are those of the backbone before fine-tuning
+
     metrics = distributed.on_main(
-        _evaluate_and_save, config, run_dir, module, checkpoint_callback,
+        _evaluate_and_save, config, run_dir, module.model, checkpoint_callback,
         inputs=inputs, keys=keys, cache=cache, engine=engine, dataset=dataset, split=split, cells=cells,
     )
     return TrainResult(run_dir, run_dir / "model.pt", metrics)
 
 
+def _make_split(config: TrainConfig, samples: list[Sample]) -> Split:
+    """Return the split the settings ask for: a cross-validation fold, or the main job's split."""
+    if config.cv_fold is not None:
+        return make_fold_split(samples, fold=config.cv_fold, n_folds=config.cv_folds,
+                               val_fraction=config.val_fraction, image_level=config.image_level_split,
+                               seed=config.seed)
+    return make_split(samples, val_fraction=config.val_fraction, test_fraction=config.test_fraction,
+                      image_level=config.image_level_split, seed=config.seed)
+
+
+def _finetune(
+    config: TrainConfig,
+    run_dir: Path,
+    model: CellClassifier,
+    split: Split,
+    keys: dict[str, list[str]],
+    cache: PreprocessCache,
+    engine: Engine,
+    *,
+    resuming: bool,
+) -> tuple[FineTuneModule, ModelCheckpoint]:
+    """Train the head and the backbone's last stages from the frozen stage's best weights.
+
+    Returns the module with the best fine-tuned weights restored, and its checkpoint callback.
+    """
+    steps_per_epoch = math.ceil(math.ceil(len(split.train) / distributed.world_size()) / config.batch_size)
+    module = FineTuneModule(
+        model, learning_rate=config.finetune_lr, pos_weight=_pos_weight(config, split.train),
+        weight_decay=config.weight_decay, warmup_steps=round(config.warmup_epochs * steps_per_epoch),
+        total_steps=config.finetune_epochs * steps_per_epoch,
+        stages=None if config.finetune_stages == "all" else int(config.finetune_stages),
+        freeze_batch_norm=config.batch_norm == "frozen", engine=engine, seed=config.seed,
+    )
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("fine-tuning %s stage(s) of the backbone and the head: %d trainable parameters, batch norm %s",
+                config.finetune_stages, trained, config.batch_norm)
+    trainer, checkpoint_callback = _build_trainer(config, run_dir, engine, FINETUNE)
+    loaders = _loaders(config, split, keys, cache, model.spec, None, engine, augment=True)
+    _fit(trainer, module, loaders, run_dir, FINETUNE,
+         distributed.on_main(_resume_point, run_dir, FINETUNE) if resuming else None)
+    _restore_best(module, checkpoint_callback)
+    return module, checkpoint_callback
+
+
 def _evaluate_and_save(
     config: TrainConfig,
     run_dir: Path,
-    module: FrozenBackboneModule,
+    model: CellClassifier,
     checkpoint_callback: ModelCheckpoint,
     *,
     inputs: dict[str, torch.Tensor] | None,
@@ -221,24 +301,25 @@ def _evaluate_and_save(
     split: Split,
     cells: PreparedCells,
 ) -> dict:
-    """Restore the best weights, write model.pt and the report on the test split; return the metrics.
+    """Write model.pt and the report on the test split from the model's best weights; return the metrics.
 
     In a job of several processes rank 0 alone runs this, on every test and validation image
     once, with no sampler padding.
     """
-    model = module.model
-    _restore_best(module, checkpoint_callback)
-    if config.tta:
+    fine_tuned = bool(config.finetune_epochs)
+    if config.tta and not fine_tuned:
         # Test-time augmentation: every view of each validation and test cell, averaged below.
         feature_cache = _feature_cache(model, cache, engine)
         inputs = {name: extract_features(model, cache, keys[name], feature_cache, engine, n_views=N_DIHEDRAL_VIEWS,
                                          batch_size=config.batch_size, progress=config.progress)
                   for name in ("val", "test")}
-    elif inputs is None:
-        # Evaluation below reads features; the live run computes them once now, view 0 only.
-        inputs = {name: compute_features(model, cache, split_keys, engine, batch_size=config.batch_size,
-                                         progress=config.progress)
-                  for name, split_keys in keys.items() if name != "train"}
+    elif inputs is None or config.tta:
+        # Evaluation below reads features. A live or fine-tuned backbone computes them once now,
+        # outside the feature cache: a fine-tuned backbone is used once, so caching would only fill the disk.
+        n_views = N_DIHEDRAL_VIEWS if config.tta else 1
+        inputs = {name: compute_features(model, cache, keys[name], engine, n_views=n_views,
+                                         batch_size=config.batch_size, progress=config.progress)
+                  for name in ("val", "test")}
 
     # Threshold: chosen on validation only, so the test split stays unseen until the report.
     validation = _predict_features(model, split.val, inputs["val"], 0.5)
@@ -261,7 +342,7 @@ def _evaluate_and_save(
         validation=validation,
         header_lines=() if split.subject_level else (LEAKAGE_WARNING,),
         extra=extra,
-        history_csv=run_dir / "logs" / "metrics.csv",
+        history_csvs=[stage.history(run_dir) for stage in (FROZEN, FINETUNE)],
     )
     write_html_report(run_dir, model=model, preprocess=config.preprocess)
     return metrics
@@ -312,13 +393,13 @@ def _devices_per_node(config: TrainConfig, world: distributed.World) -> int:
 
 def _stored_config(run_dir: Path, *, cache_dir: Path | None, workers: int | None) -> TrainConfig:
     """Read the settings of the run in ``run_dir``, with the options that may change on resume."""
-    config_path = run_dir / "config.json"
+    config_path = run_dir / RUN_CONFIG
     if not config_path.is_file():
         raise FileNotFoundError(
-            f"config.json not found in {run_dir}, so it is no run directory of `leukemia train`; pass the "
+            f"{RUN_CONFIG} not found in {run_dir}, so it is no run directory of `leukemia train`; pass the "
             "--out folder of the run to continue, or start a new run"
         )
-    config = TrainConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
+    config = TrainConfig.from_dict(load_settings(config_path))
     config.out = run_dir
     if cache_dir is not None:
         config.cache_dir = cache_dir
@@ -400,21 +481,22 @@ def _fit(
     module: FrozenBackboneModule,
     loaders: tuple[DataLoader, DataLoader],
     run_dir: Path,
+    stage: Stage,
     resume_from: ResumePoint | None,
 ) -> None:
-    """Train, from the last checkpoint when resuming; keep the history of the epochs before it."""
+    """Train one stage, from its last checkpoint when resuming; keep the history of the epochs before it."""
     checkpoint = resume_from.checkpoint if resume_from is not None else None
     if resume_from is not None and resume_from.max_epochs is not None:
         trainer.fit_loop.max_epochs = resume_from.max_epochs
-    history_path = run_dir / "logs" / "metrics.csv"
+    history_path = stage.history(run_dir)
     earlier: list[dict[str, str]] = []
     if checkpoint is not None:
         # Lightning's CSV logger empties logs/ when the resumed run starts, so the epochs
         # logged so far are kept beside it until the resumed run has merged them back. A run
         # interrupted again keeps them for the next resume.
-        earlier = _merge_rows(_read_history(run_dir / EARLIER_HISTORY), _read_history(history_path))
+        earlier = _merge_rows(_read_history(stage.earlier_history(run_dir)), _read_history(history_path))
         if earlier and distributed.is_main():
-            _write_history(run_dir / EARLIER_HISTORY, earlier)
+            _write_history(stage.earlier_history(run_dir), earlier)
     try:
         trainer.fit(module, *loaders, ckpt_path=checkpoint)
     except SystemExit as error:
@@ -425,20 +507,21 @@ def _fit(
         raise KeyboardInterrupt from error
     if earlier and distributed.is_main():
         _write_history(history_path, _merge_rows(earlier, _read_history(history_path)))
-        (run_dir / EARLIER_HISTORY).unlink(missing_ok=True)
+        stage.earlier_history(run_dir).unlink(missing_ok=True)
 
 
-def _resume_point(run_dir: Path) -> ResumePoint:
+def _resume_point(run_dir: Path, stage: Stage) -> ResumePoint:
     """Return the checkpoint to continue from, after checking that it loads.
 
     Lightning 2.6 writes last.ckpt only with a new best checkpoint, so a resumed run may
     repeat the epochs after it; they give the same results.
     """
-    path = run_dir / LAST_CHECKPOINT
+    path = stage.last_checkpoint(run_dir)
     if not path.is_file():
-        logger.warning("no last.ckpt found in %s; training starts from the first epoch", path.parent)
+        logger.warning("no last.ckpt found in %s; the %s stage starts from its first epoch", path.parent, stage.name)
         # A best.ckpt without last.ckpt would make Lightning save the new best as best-v1.ckpt.
-        shutil.rmtree(path.parent, ignore_errors=True)
+        for stale in path.parent.glob("*.ckpt"):
+            stale.unlink()
         return ResumePoint(None)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -560,9 +643,12 @@ def _keys_by_split(split: Split, cells: PreparedCells) -> dict[str, list[str]]:
     return {name: [key_by_path[sample.path] for sample in samples] for name, samples in split.parts().items()}
 
 
-def _build_trainer(config: TrainConfig, run_dir: Path, engine: Engine) -> tuple[L.Trainer, ModelCheckpoint]:
+def _build_trainer(
+    config: TrainConfig, run_dir: Path, engine: Engine, stage: Stage
+) -> tuple[L.Trainer, ModelCheckpoint]:
+    fine_tuning = stage is FINETUNE
     checkpoint_callback = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
+        dirpath=run_dir / stage.checkpoint_dir,
         filename="best",
         monitor=config.monitor,
         mode=MONITOR_MODES[config.monitor],
@@ -575,11 +661,15 @@ def _build_trainer(config: TrainConfig, run_dir: Path, engine: Engine) -> tuple[
     # Every process validates on the whole validation set, so its validation metrics are already
     # those of the whole set and need no averaging across processes.
     warnings.filterwarnings("ignore", message=r".*self\.log\('val_\w+', \.\.\., sync_dist=True\).*")
+    live = config.live_backbone or fine_tuning
     trainer = L.Trainer(
-        max_epochs=config.epochs,
+        max_epochs=config.finetune_epochs if fine_tuning else config.epochs,
         # The head alone is too small to gain from a GPU; a live backbone, and the processes of
         # a distributed run (one per GPU), run where the engine is.
-        accelerator=engine.device.type if config.live_backbone or distributed.world_size() > 1 else "cpu",
+        accelerator=engine.device.type if live or distributed.world_size() > 1 else "cpu",
+        # Fine-tuning trains the backbone in the engine's precision, as mixed precision: the
+        # weights stay float32 (float16 on CUDA adds loss scaling).
+        precision=_TRAINING_PRECISION[engine.precision] if fine_tuning else "32-true",
         devices=_devices_per_node(config, distributed.launcher_world()),
         num_nodes=config.num_nodes,
         strategy=config.strategy,
@@ -588,8 +678,9 @@ def _build_trainer(config: TrainConfig, run_dir: Path, engine: Engine) -> tuple[
         use_distributed_sampler=False,
         callbacks=[checkpoint_callback, early_stopping],
         # Flushed at every logging step, so a killed run has written every finished epoch.
-        logger=CSVLogger(run_dir, name="logs", version="", flush_logs_every_n_steps=1),
-        deterministic=True,
+        logger=CSVLogger(run_dir, name="logs", version=stage.log_version, flush_logs_every_n_steps=1),
+        # Some CUDA kernels of a backbone's backward pass have no deterministic version; they warn.
+        deterministic="warn" if fine_tuning and engine.device.type == "cuda" else True,
         log_every_n_steps=1,
         enable_model_summary=False,
         enable_progress_bar=config.progress,
@@ -606,16 +697,20 @@ def _loaders(
     spec: BackboneSpec,
     features: dict[str, torch.Tensor] | None,
     engine: Engine,
+    *,
+    augment: bool = False,
 ) -> tuple[DataLoader, DataLoader]:
     """Return train and validation loaders of cached features, or of cached cells in live mode.
 
     Both kinds index ``image * views + view`` and draw through the same ``ViewSampler``, so
-    the same seed gives the same cells in the same views and order.
+    the same seed gives the same cells in the same views and order. With ``augment``, the
+    training cells get the scale and colour jitter of the settings; validation cells never do.
     """
     train_labels = [sample.label for sample in split.train]
     val_labels = [sample.label for sample in split.val]
     if features is None:
-        train = CachedCellDataset(cache, keys["train"], train_labels, spec.mean, spec.std, config.views)
+        jitter = build_augmentation(config.scale_jitter, config.color_jitter) if augment else None
+        train = CachedCellDataset(cache, keys["train"], train_labels, spec.mean, spec.std, config.views, jitter)
         val = CachedCellDataset(cache, keys["val"], val_labels, spec.mean, spec.std)
     else:
         train = FeatureDataset(features["train"], train_labels)
@@ -631,7 +726,7 @@ def _loaders(
     )
 
 
-def _restore_best(module: FrozenBackboneModule, checkpoint_callback: ModelCheckpoint) -> None:
+def _restore_best(module: L.LightningModule, checkpoint_callback: ModelCheckpoint) -> None:
     """Load the best checkpoint's weights into the module (the last epoch's are in it now)."""
     best_path = checkpoint_callback.best_model_path
     if not best_path:
@@ -688,12 +783,9 @@ def _run_record(
             "warnings": dataset.warnings,
         },
         "best_checkpoint": {
+            "stage": FINETUNE.name if config.finetune_epochs else FROZEN.name,
             "monitor": checkpoint_callback.monitor,
             "score": None if checkpoint_callback.best_model_score is None else float(checkpoint_callback.best_model_score),
         },
         "environment": environment_record(),
     }
-
-
-def _write_json(path: Path, values: dict) -> None:
-    write_atomically(path, json.dumps(values, indent=2, default=str).encode("utf-8"))

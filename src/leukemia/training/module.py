@@ -60,6 +60,8 @@ class FrozenBackboneModule(L.LightningModule):
         self.loss = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight))
         self._val_logits: list[torch.Tensor] = []
         self._val_targets: list[torch.Tensor] = []
+        # Sums over the epoch's training batches: loss x cells, correct cells, cells.
+        self._train_sums = torch.zeros(3, dtype=torch.float64)
 
     def head_logits(self, inputs: torch.Tensor) -> torch.Tensor:
         """Return (B,) logits for a batch of features, or of images in live mode."""
@@ -74,11 +76,8 @@ class FrozenBackboneModule(L.LightningModule):
         inputs, targets = batch
         logits = self.head_logits(inputs)
         loss = self.loss(logits, targets)
-        accuracy = ((logits > 0).float() == targets).float().mean()
-        # sync_dist averages over DDP ranks, each of which trains on its own share of the cells.
-        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(targets),
-                 sync_dist=True)
-        self.log("train_accuracy", accuracy, on_step=False, on_epoch=True, batch_size=len(targets), sync_dist=True)
+        correct = ((logits > 0).float() == targets).sum()
+        self._train_sums += torch.stack([loss.detach() * len(targets), correct, torch.tensor(len(targets))]).double().cpu()
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_index: int) -> None:
@@ -87,6 +86,14 @@ class FrozenBackboneModule(L.LightningModule):
         self._val_targets.append(targets.detach().cpu())
 
     def on_validation_epoch_end(self) -> None:
+        """Log the validation metrics, and the training metrics of the epoch that just ended.
+
+        Validation ends each training epoch, and Lightning writes the metrics logged here
+        before the checkpoint of the epoch, but the metrics of the training epoch's end only
+        after it. Logging both here means a run killed between the two cannot resume from a
+        checkpoint whose epoch is missing from the history.
+        """
+        self._log_training_epoch()
         logits = torch.cat(self._val_logits)
         targets = torch.cat(self._val_targets)
         self._val_logits.clear()
@@ -105,6 +112,19 @@ class FrozenBackboneModule(L.LightningModule):
             },
             prog_bar=True,
         )
+
+    def _log_training_epoch(self) -> None:
+        if self.trainer.sanity_checking or not self._train_sums[2]:
+            return
+        loss_sum, correct, count = self._train_sums.tolist()
+        self._train_sums.zero_()
+        # sync_dist averages over DDP ranks; each trains on an equal share of the cells.
+        self.log("train_loss", loss_sum / count, prog_bar=True, sync_dist=True)
+        self.log("train_accuracy", correct / count, sync_dist=True)
+        self.log_epoch_extras()
+
+    def log_epoch_extras(self) -> None:
+        """Log further values of the training epoch next to its metrics; none here."""
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.model.head.parameters(), lr=self.learning_rate)
@@ -183,11 +203,9 @@ class FineTuneModule(FrozenBackboneModule):
         for module in self.trained_modules:
             module.train()
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_index: int) -> torch.Tensor:
-        loss = super().training_step(batch, batch_index)
-        self.log("learning_rate", self.optimizers().param_groups[0]["lr"], on_step=False, on_epoch=True,
-                 batch_size=len(batch[1]))
-        return loss
+    def log_epoch_extras(self) -> None:
+        """Log the learning rate reached at the end of the epoch."""
+        self.log("learning_rate", self.optimizers().param_groups[0]["lr"])
 
 
 def _unfreeze_last_stages(backbone: nn.Module, stages: int | None, freeze_batch_norm: bool) -> list[nn.Module]:

@@ -77,7 +77,7 @@ def cross_validate(config: TrainConfig, *, n_resamples: int = 2000) -> CVResult:
 
     summary = summarise(out, n_folds=len(folds.parts), rule=folds.rule,
                         notes=folds.notes + ([LEAKAGE_WARNING] if config.image_level_split else []),
-                        n_resamples=n_resamples, seed=config.seed)
+                        subject_level=not config.image_level_split, n_resamples=n_resamples, seed=config.seed)
     return CVResult(out, summary)
 
 
@@ -121,7 +121,14 @@ def _run_fold(config: TrainConfig) -> None:
 
 
 def summarise(
-    out: Path, *, n_folds: int, rule: str, notes: list[str], n_resamples: int = 2000, seed: int = 42
+    out: Path,
+    *,
+    n_folds: int,
+    rule: str,
+    notes: list[str],
+    subject_level: bool = True,
+    n_resamples: int = 2000,
+    seed: int = 42,
 ) -> dict:
     """Pool the folds' held-out predictions; write cv_predictions.csv, cv_summary.json and cv_report.md."""
     rows = _pooled_rows(out, n_folds)
@@ -131,6 +138,7 @@ def summarise(
 
     summary = {
         "rule": rule,
+        "subject_level": subject_level,
         "notes": notes,
         "n_folds": n_folds,
         "n_images": len(rows),
@@ -193,8 +201,9 @@ def compare(first: Path, second: Path, *, n_resamples: int = 2000, seed: int = 4
 
 def format_report(summary: dict) -> str:
     """Return the summary as Markdown: per-fold table, mean and spread, pooled values with intervals."""
+    blind_to = "its subject" if summary["subject_level"] else "it (but trained on other cells of its subject)"
     lines = ["# Cross-validation", "", f"Folds: {summary['rule']}. {summary['n_images']} images of "
-             f"{summary['n_subjects']} subjects, each predicted once by the model that did not train on its subject.", ""]
+             f"{summary['n_subjects']} subjects, each predicted once by the model that did not train on {blind_to}.", ""]
     lines += [f"**{note}**" if note == LEAKAGE_WARNING else f"Note: {note}" for note in summary["notes"]]
     lines += ["", "| metric | " + " | ".join(f"fold {k}" for k in range(summary["n_folds"])) + " | mean ± sd | "
               "pooled [95 % CI] |", "|---" * (summary["n_folds"] + 3) + "|"]

@@ -39,10 +39,10 @@ def main() -> int:
     runs = {
         "jpeg-frozen": (args.shared / "cnmc-subset-jpeg", BASELINE),
         "jpeg-recipe": (args.shared / "cnmc-subset-jpeg", FINETUNED),
-        "jpeg-frozen-imagelevel": (args.shared / "cnmc-subset-jpeg", BASELINE + ["--image-level-split"]),
-        "jpeg-recipe-imagelevel": (args.shared / "cnmc-subset-jpeg", FINETUNED + ["--image-level-split"]),
         "mixed-frozen": (args.shared / "cnmc-subset", BASELINE),
         "mixed-recipe": (args.shared / "cnmc-subset", FINETUNED),
+        "jpeg-frozen-imagelevel": (args.shared / "cnmc-subset-jpeg", BASELINE + ["--image-level-split"]),
+        "jpeg-recipe-imagelevel": (args.shared / "cnmc-subset-jpeg", FINETUNED + ["--image-level-split"]),
     }
     for name, (data, options) in runs.items():
         command = ["leukemia", "cv", "--data", str(data), "--out", str(args.out / name),

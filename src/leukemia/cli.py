@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s", error)
         return 2
     except KeyboardInterrupt:
-        logger.error("interrupted")
+        logger.error("interrupted; finished work is kept: continue a train run with `leukemia train --resume RUN_DIR`, "
+                     "a cv run by rerunning the same command")
         return 130
 
 
@@ -105,7 +106,7 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                         help="continue an interrupted run from its last checkpoint with the settings in "
                              "RUN_DIR/config.yaml; only --cache-dir and --workers may be given with it")
-    add_training_options(parser)
+    add_training_options(parser, out_help="run directory to create; must be new or empty")
     parser.set_defaults(handler=_run_train)
 
 
@@ -149,7 +150,10 @@ def _add_cv(commands: argparse._SubParsersAction) -> None:
                         help="number of folds; by default the official C-NMC folds when the data has them, "
                              "otherwise 5 folds of whole subjects")
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default: 2000)")
-    add_training_options(parser)
+    # The folds decide the test split, so the main job's test share does not apply.
+    add_training_options(parser, out_help="folder for the folds' runs and the summary; new or empty, or that of an "
+                                          "interrupted cv with the same settings, which then continues",
+                         skip=("--test-fraction",))
     parser.set_defaults(handler=_run_cv)
 
 
@@ -195,7 +199,11 @@ def _print_train_summary(result) -> None:
     print(f"model file:         {result.model_path}")
     print(f"checkpoints:        {result.run_dir / 'checkpoints'} (best.ckpt, last.ckpt)")
     print(f"training history:   {result.run_dir / 'logs' / 'metrics.csv'}")
+    if (result.run_dir / "logs" / "finetune").is_dir():
+        print(f"fine-tuning:        {result.run_dir / 'checkpoints' / 'finetune'}, "
+              f"{result.run_dir / 'logs' / 'finetune' / 'metrics.csv'}")
     print(f"split:              {result.run_dir / 'split.csv'}")
+    print(f"settings:           {result.run_dir / 'config.yaml'} (rerun with --config)")
 
 
 def _add_evaluate(commands: argparse._SubParsersAction) -> None:

@@ -137,7 +137,7 @@ def test_train_needs_data_or_resume(tmp_path, caplog):
     code = main(["train", "--out", str(tmp_path / "run")])
 
     assert code == 2
-    assert "needs --data and --out, or --resume RUN_DIR" in caplog.text
+    assert "needs --data and --out (or a --config file that sets them), or --resume RUN_DIR" in caplog.text
 
 
 @pytest.mark.slow
@@ -166,3 +166,34 @@ def test_resume_after_sigint_same_metrics(reference, tmp_path, cache):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _metrics(out)["test"] == _metrics(reference)["test"]
     assert _metrics(out)["validation"] == _metrics(reference)["validation"]
+
+
+FINETUNE_SETTINGS = ["--epochs", "3", "--finetune-epochs", "4", "--views", "8", "--scale-jitter", "0.1",
+                     "--color-jitter", "0.05"]
+
+
+def test_kill_during_finetuning_resumes_to_same_results(tmp_path, cache):
+    """A run killed in its fine-tuning stage, with random jitter, resumes to the uninterrupted results."""
+    common = ["--data", str(SAMPLE), "--cache-dir", str(cache), *SETTINGS, *FINETUNE_SETTINGS]
+    reference = subprocess.run(_command("train", "--out", str(tmp_path / "reference"), *common),
+                               capture_output=True, text=True, timeout=START_TIMEOUT_S)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    with open(tmp_path / "killed.log", "w") as log:
+        process = subprocess.Popen(_command("train", "--out", str(out), *common), stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not (out / "checkpoints" / "finetune" / "last.ckpt").exists() and process.poll() is None:
+            if time.monotonic() > deadline:
+                process.kill()
+            time.sleep(0.01)
+        process.kill()
+        process.wait(timeout=START_TIMEOUT_S)
+    assert not (out / "metrics.json").exists(), "killed before the end"
+    resumed = _resume(out)
+
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr and "finetune/last.ckpt" in resumed.stderr
+    assert _metrics(out)["test"] == _metrics(tmp_path / "reference")["test"]
+    for history in ("logs/metrics.csv", "logs/finetune/metrics.csv"):
+        assert (out / history).read_text() == (tmp_path / "reference" / history).read_text(), history

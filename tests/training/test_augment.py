@@ -68,3 +68,19 @@ def test_no_jitter_is_none():
 def test_invalid_strength_rejected(scale, colour, message):
     with pytest.raises(ValueError, match=message):
         build_augmentation(scale, colour)
+
+
+def test_dataset_jitters_each_draw_reproducibly(tmp_path, sample_images):
+    from leukemia.preprocessing.cache import PreprocessCache, preprocess_files
+    from leukemia.training.datasets import CachedCellDataset
+
+    cache = PreprocessCache(tmp_path, PreprocessConfig())
+    keys = [outcome.key for outcome in preprocess_files(sample_images[:2], cache, workers=1)]
+    dataset = CachedCellDataset(cache, keys, [1, 0], (0.5,) * 3, (0.25,) * 3, n_views=8,
+                                augment=build_augmentation(0.1, 0.05), augment_seed=7)
+
+    first, again, next_epoch = dataset[3][0], dataset[3][0], dataset[3 + len(dataset)][0]
+
+    assert torch.equal(first, again), "a draw's jitter depends on its number, not on the random state"
+    assert not torch.equal(first, next_epoch), "the same cell and view get new jitter in the next epoch"
+    assert torch.equal(dataset[3][1], dataset[3 + len(dataset)][1])

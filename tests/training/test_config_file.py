@@ -71,26 +71,6 @@ def test_unknown_preprocess_setting(tmp_path):
         load_settings(path)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("- a\n- b\n", "must hold a mapping of setting names to values, not a list"),
-    ("epochs: [1\n", "is not a readable YAML file"),
-])
-def test_malformed_file_rejected(tmp_path, text, message):
-    path = tmp_path / "bad.yaml"
-    path.write_text(text)
-
-    with pytest.raises(ValueError, match=message):
-        load_settings(path)
-
-
-def test_invalid_value_in_file_rejected(tmp_path):
-    path = tmp_path / "bad.yaml"
-    path.write_text("batch_norm: sometimes\n")
-
-    with pytest.raises(ValueError, match="invalid batch_norm 'sometimes'; use one of frozen, train"):
-        _resolve("--config", str(path), "--data", "data", "--out", "run")
-
-
 def test_cli_reports_missing_file_and_missing_data(tmp_path, caplog):
     assert main(["train", "--config", str(tmp_path / "none.yaml"), "--data", "d", "--out", "o"]) == 2
     assert f"configuration file not found: {tmp_path / 'none.yaml'}" in caplog.text
@@ -102,3 +82,33 @@ def test_cli_reports_missing_file_and_missing_data(tmp_path, caplog):
 def test_resume_rejects_a_config_file(tmp_path, caplog):
     assert main(["train", "--resume", str(tmp_path), "--config", str(CHALLENGE)]) == 2
     assert "drop --config" in caplog.text
+
+
+@pytest.mark.parametrize("text, message", [
+    ("epochs: two\n", "invalid setting epochs: 'two' is not a whole number"),
+    ("tta: 'false'\n", "invalid setting tta: 'false' is not true or false"),
+    ("learning_rate: fast\n", "invalid setting learning_rate: 'fast' is not a number"),
+    ("pos_weight: lots\n", "invalid pos_weight 'lots'; use 'auto' or a number above 0"),
+    ("preprocess:\n  output_size: big\n", "invalid setting preprocess.output_size: 'big' is not a whole number"),
+    ("finetune_epochs: 1\nwarmup_epochs: 5\n", r"warmup_epochs \(5\) exceeds finetune_epochs \(1\)"),
+    ("- a\n- b\n", "must hold a mapping of setting names to values, not a list"),
+    ("epochs: [1\n", "is not a readable YAML file"),
+    ("batch_norm: sometimes\n", "invalid batch_norm 'sometimes'; use one of frozen, train"),
+    ("lr: 0.01\n", "unknown setting lr; the file spells it learning_rate"),
+])
+def test_bad_file_content_named(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+
+    with pytest.raises(ValueError, match=message):
+        _resolve("--config", str(path), "--data", "data", "--out", "run")
+
+
+def test_too_many_finetune_stages_rejected_before_training(tmp_path, caplog):
+    code = main(["train", "--data", str(REPO / "examples" / "cnmc-sample"), "--out", str(tmp_path / "run"),
+                 "--backbone", "efficientnet_lite0", "--weights", "none", "--finetune-epochs", "1",
+                 "--finetune-stages", "9", "--cache-dir", str(tmp_path / "cache")])
+
+    assert code == 2
+    assert "invalid finetune_stages 9: efficientnet_lite0 has 5 stages; use 1 to 5, or all" in caplog.text
+    assert not (tmp_path / "run" / "checkpoints").exists()

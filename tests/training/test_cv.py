@@ -79,7 +79,7 @@ def test_rerun_with_other_settings_rejected(cv_run, caplog):
     out, cache = cv_run
 
     assert main(_cv_args(out, cache, "--lr", "0.01")) == 2
-    assert "contains a cross-validation with other settings (learning_rate differ)" in caplog.text
+    assert "contains a cross-validation with other settings (changed: learning_rate)" in caplog.text
 
 
 def test_compare_with_itself_is_zero(cv_run, capsys):

@@ -87,7 +87,8 @@ def test_view_sampler_reproducible_per_epoch():
 
     assert indices == list(second)
     assert indices != list(other_epoch)
-    assert sorted(index // 8 for index in indices) == list(range(10))
+    assert sorted((index % 80) // 8 for index in indices) == list(range(10))
+    assert min(indices) >= 2 * 80, "draws of epoch 2 are numbered after those of epochs 0 and 1"
 
 
 def test_live_and_cached_training_agree(tmp_path):

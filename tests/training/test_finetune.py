@@ -146,3 +146,10 @@ def test_resuming_a_finished_finetuned_run_gives_the_same_report(finetuned_run):
 
     assert again.metrics["test"]["roc_auc"] == pytest.approx(before["roc_auc"], abs=1e-6)
     assert again.metrics["test"]["confusion_matrix"] == before["confusion_matrix"]
+
+
+def test_last_checkpoint_is_the_last_epoch(finetuned_run):
+    for folder, epochs in (("checkpoints", 3), ("checkpoints/finetune", 2)):
+        last = torch.load(finetuned_run.run_dir / folder / "last.ckpt", map_location="cpu", weights_only=True)
+
+        assert last["epoch"] == epochs - 1, folder

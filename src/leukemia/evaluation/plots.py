@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
@@ -62,11 +63,11 @@ def plot_history(history_csvs: Sequence[Path], out_dir: Path) -> None:
                           marker="o", color=colour, label=split if index == 0 else None)
                 offset += max(history, default=-1) + 1
         offset = 0
-        for history in histories[:-1]:
+        for index, history in enumerate(histories[:-1]):
             offset += max(history, default=-1) + 1
-            axes.axvline(offset + 0.5, color="grey", linestyle="--", linewidth=1)
-        if len(histories) > 1:
-            axes.text(offset + 0.6, axes.get_ylim()[1], "fine-tuning", va="top", fontsize=8, color="grey")
+            axes.axvline(offset + 0.5, color="grey", linestyle="--", linewidth=1,
+                         label="fine-tuning starts" if index == 0 else None)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_xlabel("epoch")
         axes.set_ylabel(metric)
         axes.set_title(f"Training history: {metric}")

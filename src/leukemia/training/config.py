@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -140,6 +142,11 @@ class TrainConfig:
             raise ValueError(f"invalid num_nodes {self.num_nodes}; use 1 or more")
         if self.finetune_epochs < 0 or self.warmup_epochs < 0 or self.weight_decay < 0 or self.finetune_lr <= 0:
             raise ValueError("finetune_epochs, warmup_epochs and weight_decay must be 0 or more, finetune_lr above 0")
+        if self.finetune_epochs and self.warmup_epochs > self.finetune_epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) exceeds finetune_epochs ({self.finetune_epochs}), so "
+                             "the learning rate would never reach its peak; lower --warmup-epochs")
+        if self.pos_weight != "auto" and (isinstance(self.pos_weight, (bool, str)) or not self.pos_weight > 0):
+            raise ValueError(f"invalid pos_weight {self.pos_weight!r}; use 'auto' or a number above 0")
         if self.finetune_stages != "all" and (isinstance(self.finetune_stages, bool)
                                               or not isinstance(self.finetune_stages, int) or self.finetune_stages < 1):
             raise ValueError(f"invalid finetune_stages {self.finetune_stages!r}; use a whole number of at least 1, "
@@ -181,6 +188,9 @@ class TrainConfig:
         for key in ("data", "out"):
             if values.get(key) is None:
                 raise ValueError(f"the setting {key!r} is missing; give --{key} or set {key} in the configuration file")
+        check_types(cls, values)
+        if isinstance(values.get("preprocess"), dict):
+            check_types(PreprocessConfig, values["preprocess"], section="preprocess.")
         for key in ("data", "out", "cache_dir"):
             if values.get(key) is not None:
                 values[key] = Path(values[key])
@@ -189,12 +199,59 @@ class TrainConfig:
         return cls(**values)
 
 
-def load_settings(path: Path) -> dict:
+def check_types(cls: type, values: dict, *, section: str = "") -> None:
+    """Raise ValueError naming the first setting whose value has the wrong type for ``cls``.
+
+    YAML reads ``epochs: two`` as text and ``tta: 'false'`` as a non-empty, so true, string;
+    both must fail here, before they reach arithmetic or an if.
+    """
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        expected = hints.get(name)
+        if expected is None or _matches(value, expected):
+            continue
+        raise ValueError(f"invalid setting {section}{name}: {value!r} is not {_describe(expected)}")
+
+
+def _matches(value: object, expected: object) -> bool:
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, member) for member in typing.get_args(expected))
+    if origin is typing.Literal:
+        return value in typing.get_args(expected)
+    if expected is type(None):
+        return value is None
+    if expected is bool:
+        return isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is Path:
+        return isinstance(value, (str, Path))
+    if expected is PreprocessConfig:
+        return isinstance(value, (dict, PreprocessConfig))
+    return isinstance(value, expected)
+
+
+def _describe(expected: object) -> str:
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(member) for member in typing.get_args(expected))
+    if origin is typing.Literal:
+        return " or ".join(repr(choice) for choice in typing.get_args(expected))
+    names = {bool: "true or false", int: "a whole number", float: "a number", str: "text", Path: "a path",
+             type(None): "empty (null)", PreprocessConfig: "a mapping of preprocessing settings"}
+    return names.get(expected, str(expected))
+
+
+def load_settings(path: Path, *, aliases: dict[str, str] | None = None) -> dict:
     """Read training settings from a YAML (or JSON) file, checking the names; return them as a dict.
 
     Keys are the attribute names of ``TrainConfig``; ``preprocess`` contains a mapping of
     ``PreprocessConfig`` names. Any key may be left out, and takes its default or the value
-    given on the command line.
+    given on the command line. ``aliases`` maps other names users may write (the command-line
+    spelling, such as ``lr``) to the setting, for the error's suggestion.
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -212,18 +269,22 @@ def load_settings(path: Path) -> dict:
         return {}
     if not isinstance(values, dict):
         raise ValueError(f"{path} must hold a mapping of setting names to values, not a {type(values).__name__}")
-    _check_names(path, values, [f.name for f in fields(TrainConfig)])
+    _check_names(path, values, [f.name for f in fields(TrainConfig)], aliases or {})
     if "preprocess" in values:
         if not isinstance(values["preprocess"], dict):
             raise ValueError(f"{path}: 'preprocess' must be a mapping of preprocessing settings")
-        _check_names(path, values["preprocess"], [f.name for f in fields(PreprocessConfig)], section="preprocess.")
+        _check_names(path, values["preprocess"], [f.name for f in fields(PreprocessConfig)], aliases or {},
+                     section="preprocess.")
     return values
 
 
-def _check_names(path: Path, values: dict, known: list[str], *, section: str = "") -> None:
+def _check_names(path: Path, values: dict, known: list[str], aliases: dict[str, str], *, section: str = "") -> None:
     for name in values:
         if name in known:
             continue
-        close = difflib.get_close_matches(str(name), known, n=1)
-        hint = f"; did you mean {section}{close[0]}?" if close else f"; known settings: {', '.join(known)}"
+        if name in aliases:
+            hint = f"; the file spells it {aliases[name]}"
+        else:
+            close = difflib.get_close_matches(str(name), known, n=1)
+            hint = f"; did you mean {section}{close[0]}?" if close else f"; known settings: {', '.join(known)}"
         raise ValueError(f"{path}: unknown setting {section}{name}{hint}")

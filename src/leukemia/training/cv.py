@@ -90,7 +90,7 @@ def _claim_folder(out: Path, config: TrainConfig) -> None:
             changed = sorted(key for key in set(before) | set(_comparable(config.to_dict()))
                              if before.get(key) != _comparable(config.to_dict()).get(key))
             raise FileExistsError(
-                f"{out} contains a cross-validation with other settings ({', '.join(changed)} differ); rerun it with the "
+                f"{out} contains a cross-validation with other settings (changed: {', '.join(changed)}); rerun it with the "
                 f"settings in {stored} to continue it, or choose a new --out"
             )
         logger.info("continuing the cross-validation in %s; finished folds are kept", out)
@@ -103,7 +103,10 @@ def _claim_folder(out: Path, config: TrainConfig) -> None:
 
 
 def _comparable(values: dict) -> dict:
-    return {key: value for key, value in values.items() if key not in _FREE_SETTINGS}
+    """Return the settings that decide the results, with the data path made absolute."""
+    values = {key: value for key, value in values.items() if key not in _FREE_SETTINGS}
+    values["data"] = str(Path(values["data"]).resolve())
+    return values
 
 
 def _run_fold(config: TrainConfig) -> None:

@@ -30,7 +30,10 @@ class CachedCellDataset(Dataset):
     """Preprocessed cells read one at a time from the cache, so an epoch never keeps them all in memory.
 
     With ``n_views`` of 8, index ``i`` is image ``i // 8`` in dihedral view ``i % 8``. An
-    ``augment`` function (see ``leukemia.training.augment``) jitters each view after it is drawn.
+    ``augment`` function (see ``leukemia.training.augment``) jitters each view after it is drawn,
+    with torch's random state seeded from ``augment_seed`` and the index. ``ViewSampler``
+    numbers the draws of later epochs past ``len()``, so every draw gets its own jitter, and
+    a resumed run jitters exactly as one never interrupted.
     """
 
     def __init__(
@@ -42,6 +45,7 @@ class CachedCellDataset(Dataset):
         std: tuple[float, ...],
         n_views: int = 1,
         augment: Callable[[np.ndarray], np.ndarray] | None = None,
+        augment_seed: int = 0,
     ) -> None:
         self.cache = cache
         self.keys = keys
@@ -50,15 +54,18 @@ class CachedCellDataset(Dataset):
         self.std = std
         self.n_views = n_views
         self.augment = augment
+        self.augment_seed = augment_seed
 
     def __len__(self) -> int:
         return len(self.keys) * self.n_views
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image_index, view = divmod(index, self.n_views)
+        image_index, view = divmod(index % len(self), self.n_views)
         image = dihedral_view(self.cache.load(self.keys[image_index]), view)
         if self.augment is not None:
-            image = self.augment(image)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.augment_seed * 1_000_003 + index)
+                image = self.augment(image)
         return to_batch_tensor(image, self.mean, self.std), torch.tensor(float(self.labels[image_index]))
 
 
@@ -78,7 +85,7 @@ class FeatureDataset(Dataset):
         return len(self.targets) * self.n_views
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image_index, view = divmod(index, self.n_views)
+        image_index, view = divmod(index % len(self), self.n_views)
         return self.features[image_index, view], self.targets[image_index]
 
 
@@ -129,7 +136,9 @@ class ViewSampler(Sampler[int]):
         views = torch.randint(0, self.n_views, (self.n_images,), generator=generator)
         if not self.shuffle:
             views.zero_()
-        indices = (order * self.n_views + views).tolist()
+        # Draws of epoch e are numbered from e * n_images * n_views; the datasets take them modulo
+        # their length, and a jittering dataset seeds each draw from its number.
+        indices = (order * self.n_views + views + self.epoch * self.n_images * self.n_views).tolist()
 
         # Pad to the same share for every process. The loop repeats the whole list when it is shorter than the padding.
         total = len(self) * self.world_size

@@ -17,6 +17,27 @@ from leukemia.training.config import TrainConfig, load_settings
 
 _BOOLEAN = argparse.BooleanOptionalAction
 
+def _whole_number_or(word: str):
+    """Return an argparse type that accepts ``word`` or a whole number of at least 1."""
+    def parse(text: str) -> int | str:
+        if text == word:
+            return text
+        if not text.isdigit() or int(text) < 1:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}; use a whole number of at least 1, or {word}")
+        return int(text)
+
+    return parse
+
+
+def _auto_or_number(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}; use auto or a number") from None
+
+
 # (flag, setting, argparse keywords). "preprocess.NAME" is a PreprocessConfig setting.
 TRAIN_OPTIONS: list[tuple[str, str, dict]] = [
     ("--backbone", "backbone", dict(
@@ -31,7 +52,7 @@ TRAIN_OPTIONS: list[tuple[str, str, dict]] = [
         help="validation metric that picks the best checkpoint: val_loss, val_accuracy, val_balanced_accuracy, "
              "val_f1_weighted or val_roc_auc")),
     ("--pos-weight", "pos_weight", dict(
-        type=lambda text: text if text == "auto" else float(text),
+        type=_auto_or_number,
         help="loss weight of ALL; 'auto' is n(HEM)/n(ALL) in the training split")),
     ("--seed", "seed", dict(type=int, help="random seed")),
     ("--val-fraction", "val_fraction", dict(type=float, help="validation share of images")),
@@ -60,7 +81,7 @@ TRAIN_OPTIONS: list[tuple[str, str, dict]] = [
         type=int, help="epochs of fine-tuning after the frozen stage; 0 trains the head only")),
     ("--finetune-lr", "finetune_lr", dict(type=float, help="peak AdamW learning rate of fine-tuning")),
     ("--finetune-stages", "finetune_stages", dict(
-        type=lambda text: text if text == "all" else int(text),
+        type=_whole_number_or("all"),
         help="how many of the backbone's last stages fine-tuning trains, or 'all'")),
     ("--warmup-epochs", "warmup_epochs", dict(
         type=float, help="epochs of linear learning-rate warm-up before the cosine decay of fine-tuning")),
@@ -94,7 +115,7 @@ TRAIN_OPTIONS: list[tuple[str, str, dict]] = [
 
 PROCESS_OPTIONS: list[tuple[str, str, dict]] = [
     ("--devices", "devices", dict(
-        type=lambda text: text if text == "auto" else _whole_number(text),
+        type=_whole_number_or("auto"),
         help="training processes per node; auto takes the number torchrun or srun started, or 1 without a launcher")),
     ("--num-nodes", "num_nodes", dict(type=int, help="nodes the launcher started processes on")),
     ("--strategy", "strategy", dict(
@@ -106,17 +127,17 @@ PROCESS_OPTIONS: list[tuple[str, str, dict]] = [
 RESUME_OPTIONS = ("cache_dir", "workers")
 
 
-def add_training_options(parser: argparse.ArgumentParser) -> None:
-    """Add --config, --data, --out and one option per setting; their help shows the defaults."""
+def add_training_options(parser: argparse.ArgumentParser, *, out_help: str, skip: tuple[str, ...] = ()) -> None:
+    """Add --config, --data, --out and one option per setting (except ``skip``); their help shows the defaults."""
     parser.add_argument("--config", type=Path, default=argparse.SUPPRESS, metavar="FILE",
                         help="YAML file of settings (names as in a run's config.yaml); options given here override it")
     parser.add_argument("--data", type=Path, default=argparse.SUPPRESS,
                         help="data folder (any supported layout) or CSV manifest")
-    parser.add_argument("--out", type=Path, default=argparse.SUPPRESS,
-                        help="run directory to create; must be new or empty")
+    parser.add_argument("--out", type=Path, default=argparse.SUPPRESS, help=out_help)
     group = parser.add_argument_group("training settings")
     for flag, setting, keywords in TRAIN_OPTIONS:
-        _add_option(group, flag, setting, keywords)
+        if flag not in skip:
+            _add_option(group, flag, setting, keywords)
     group = parser.add_argument_group(
         "processes", "several processes (CPU processes or GPUs, on one or more nodes) are started by torchrun or "
                      "srun, e.g. torchrun --nproc-per-node 4 -m leukemia.cli train ... --strategy ddp")
@@ -137,7 +158,9 @@ def resolve_config(args: argparse.Namespace, **fixed) -> TrainConfig:
         ValueError: the file or an option contains an unknown or invalid setting, or data or
             out is given nowhere.
     """
-    values = load_settings(args.config) if hasattr(args, "config") else {}
+    aliases = {_dest(flag): setting.removeprefix("preprocess.") for flag, setting, _ in TRAIN_OPTIONS + PROCESS_OPTIONS
+               if _dest(flag) != setting.removeprefix("preprocess.")}
+    values = load_settings(args.config, aliases=aliases) if hasattr(args, "config") else {}
     preprocess = dict(values.pop("preprocess", None) or {})
     for key in ("data", "out"):
         if hasattr(args, key):
@@ -175,9 +198,3 @@ def _default(setting: str):
 
 def _dest(flag: str) -> str:
     return flag.removeprefix("--").replace("-", "_")
-
-
-def _whole_number(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}; use a whole number of at least 1, or auto")
-    return int(text)

@@ -32,7 +32,7 @@ from leukemia.evaluation.report import Predictions, write_report
 from leukemia.evaluation.thresholds import choose_threshold
 from leukemia.inference.checkpoint import save_checkpoint
 from leukemia.inference.engine import Engine, resolve_device
-from leukemia.models.backbones import BackboneSpec, check_backbone_name, create_backbone, weights_digest
+from leukemia.models.backbones import BackboneSpec, check_backbone_name, count_stages, create_backbone, weights_digest
 from leukemia.models.classifier import CellClassifier
 from leukemia.pipeline import PreparedCells, environment_record, prepare_cells, write_skipped
 from leukemia.preprocessing.views import N_DIHEDRAL_VIEWS
@@ -204,6 +204,7 @@ def _train(config: TrainConfig, run_dir: Path, *, resuming: bool) -> TrainResult
     # Model and features: the frozen backbone runs once per cell and view, never per epoch.
     weights = None if config.weights == "none" else config.weights
     backbone, spec = create_backbone(config.backbone, weights=weights)
+    _check_finetune_stages(config, backbone)
     model = CellClassifier(backbone, spec, hidden=config.hidden, dropout=config.dropout)
     model.freeze_backbone()
     engine = Engine.create(distributed.local_device(config.device), config.precision)
@@ -241,6 +242,16 @@ def _train(config: TrainConfig, run_dir: Path, *, resuming: bool) -> TrainResult
         inputs=inputs, keys=keys, cache=cache, engine=engine, dataset=dataset, split=split, cells=cells,
     )
     return TrainResult(run_dir, run_dir / "model.pt", metrics)
+
+
+def _check_finetune_stages(config: TrainConfig, backbone: torch.nn.Module) -> None:
+    """Reject a stage count the backbone does not have, before any training."""
+    if not config.finetune_epochs or config.finetune_stages == "all":
+        return
+    available = count_stages(backbone)
+    if config.finetune_stages > available:
+        raise ValueError(f"invalid finetune_stages {config.finetune_stages}: {config.backbone} has {available} stages; "
+                         f"use 1 to {available}, or all")
 
 
 def _make_split(config: TrainConfig, samples: list[Sample]) -> Split:
@@ -511,11 +522,7 @@ def _fit(
 
 
 def _resume_point(run_dir: Path, stage: Stage) -> ResumePoint:
-    """Return the checkpoint to continue from, after checking that it loads.
-
-    Lightning 2.6 writes last.ckpt only with a new best checkpoint, so a resumed run may
-    repeat the epochs after it; they give the same results.
-    """
+    """Return the stage's last.ckpt (written after every epoch) to continue from, after checking that it loads."""
     path = stage.last_checkpoint(run_dir)
     if not path.is_file():
         logger.warning("no last.ckpt found in %s; the %s stage starts from its first epoch", path.parent, stage.name)
@@ -587,7 +594,8 @@ def _merge_rows(earlier: list[dict[str, str]], later: list[dict[str, str]]) -> l
 def _write_history(path: Path, rows: list[dict[str, str]]) -> None:
     columns = sorted({column for row in rows for column in row})
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    # The line ends of csv.DictWriter's default dialect, which Lightning's CSV logger writes too.
+    writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
     write_atomically(path, buffer.getvalue().encode("utf-8"))
@@ -652,12 +660,19 @@ def _build_trainer(
         filename="best",
         monitor=config.monitor,
         mode=MONITOR_MODES[config.monitor],
-        save_last=True,
         save_top_k=1,
     )
+    # Written after every epoch, so a resumed run repeats no finished epoch. Lightning's save_last
+    # writes last.ckpt only together with a new best checkpoint.
+    last_callback = ModelCheckpoint(dirpath=run_dir / stage.checkpoint_dir, filename="last", monitor=None,
+                                    save_top_k=1, enable_version_counter=False)
     early_stopping = EarlyStopping(monitor="val_loss", mode="min", patience=config.patience)
     # The frozen backbone is in eval mode on purpose (its batch-norm statistics stay fixed).
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+    # On resume Lightning warns that the logs and checkpoints folders are not empty and that
+    # old logs "will be deleted"; _fit merges the earlier history back, so nothing is lost.
+    warnings.filterwarnings("ignore", message=r".*Experiment logs directory .* exists and is not empty.*")
+    warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
     # Every process validates on the whole validation set, so its validation metrics are already
     # those of the whole set and need no averaging across processes.
     warnings.filterwarnings("ignore", message=r".*self\.log\('val_\w+', \.\.\., sync_dist=True\).*")
@@ -676,7 +691,7 @@ def _build_trainer(
         # ViewSampler shares out the training cells itself; validation is not shared out, so every
         # process computes the validation metrics over the whole validation set.
         use_distributed_sampler=False,
-        callbacks=[checkpoint_callback, early_stopping],
+        callbacks=[checkpoint_callback, last_callback, early_stopping],
         # Flushed at every logging step, so a killed run has written every finished epoch.
         logger=CSVLogger(run_dir, name="logs", version=stage.log_version, flush_logs_every_n_steps=1),
         # Some CUDA kernels of a backbone's backward pass have no deterministic version; they warn.
@@ -710,7 +725,8 @@ def _loaders(
     val_labels = [sample.label for sample in split.val]
     if features is None:
         jitter = build_augmentation(config.scale_jitter, config.color_jitter) if augment else None
-        train = CachedCellDataset(cache, keys["train"], train_labels, spec.mean, spec.std, config.views, jitter)
+        train = CachedCellDataset(cache, keys["train"], train_labels, spec.mean, spec.std, config.views, jitter,
+                                  augment_seed=config.seed)
         val = CachedCellDataset(cache, keys["val"], val_labels, spec.mean, spec.std)
     else:
         train = FeatureDataset(features["train"], train_labels)

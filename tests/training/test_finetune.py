@@ -114,6 +114,8 @@ def test_finetuned_run_writes_both_stages(finetuned_run):
                  "logs/metrics.csv", "logs/finetune/metrics.csv", "accuracy.png", "loss.png", "report.html"):
         assert (run_dir / name).is_file(), name
     assert finetuned_run.metrics["best_checkpoint"]["stage"] == "finetune"
+    assert "then 2 fine-tuning epochs of all stage(s)" in finetuned_run.metrics["training"]["recipe"]
+    assert "2 fine-tuning epochs" in (run_dir / "report.html").read_text()
     assert {row["epoch"] for row in _rows(run_dir / "logs" / "finetune" / "metrics.csv")} == {"0", "1"}
 
 

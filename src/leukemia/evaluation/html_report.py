@@ -272,6 +272,8 @@ def _run_line(metrics: dict) -> str:
         parts.append(f"model: {metrics['checkpoint']}")
     if "data" in metrics and "path" in metrics["data"]:
         parts.append(f"data: {metrics['data']['path']}")
+    if "training" in metrics:
+        parts.append(f"training: {metrics['training']['recipe']}")
     if "split" in metrics and "rule" in metrics["split"]:
         parts.append(f"split: {metrics['split']['rule']}")
     skipped = metrics.get("data", {}).get("skipped_images")

@@ -169,6 +169,18 @@ class TrainConfig:
             values[key] = None if values[key] is None else str(values[key])
         return values
 
+    def describe(self) -> str:
+        """Return the training recipe in one line, for reports."""
+        parts = [f"{self.backbone} ({self.weights} weights)",
+                 f"head on the frozen backbone{', 8 views' if self.views == 8 else ''}"]
+        if self.finetune_epochs:
+            jitter = f", jitter scale {self.scale_jitter:g} colour {self.color_jitter:g}" if (
+                self.scale_jitter or self.color_jitter) else ""
+            parts.append(f"then {self.finetune_epochs} fine-tuning epochs of {self.finetune_stages} stage(s), "
+                         f"batch norm {self.batch_norm}{jitter}")
+        parts.append(f"threshold {self.threshold_rule}" + (", TTA over 8 views" if self.tta else ""))
+        return "; ".join(parts)
+
     def to_yaml(self) -> str:
         """Return the settings as YAML that ``load_settings`` and ``--config`` read back."""
         header = "# Resolved settings of a `leukemia train` run; pass this file to --config to rerun it.\n"

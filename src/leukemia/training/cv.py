@@ -77,7 +77,8 @@ def cross_validate(config: TrainConfig, *, n_resamples: int = 2000) -> CVResult:
 
     summary = summarise(out, n_folds=len(folds.parts), rule=folds.rule,
                         notes=folds.notes + ([LEAKAGE_WARNING] if config.image_level_split else []),
-                        subject_level=not config.image_level_split, n_resamples=n_resamples, seed=config.seed)
+                        subject_level=not config.image_level_split, recipe=config.describe(),
+                        n_resamples=n_resamples, seed=config.seed)
     return CVResult(out, summary)
 
 
@@ -130,6 +131,7 @@ def summarise(
     rule: str,
     notes: list[str],
     subject_level: bool = True,
+    recipe: str = "",
     n_resamples: int = 2000,
     seed: int = 42,
 ) -> dict:
@@ -142,6 +144,7 @@ def summarise(
     summary = {
         "rule": rule,
         "subject_level": subject_level,
+        "recipe": recipe,
         "notes": notes,
         "n_folds": n_folds,
         "n_images": len(rows),
@@ -185,6 +188,7 @@ def compare(first: Path, second: Path, *, n_resamples: int = 2000, seed: int = 4
     if [row["file"] for row in rows[first]] != [row["file"] for row in rows[second]]:
         raise ValueError(f"{first} and {second} predicted different cells, so they cannot be compared pairwise; run "
                          "both on the same data")
+    notes = _comparison_notes(Path(first), Path(second))
     subjects, targets, first_probs, first_preds = _arrays(rows[first])
     _, _, second_probs, second_preds = _arrays(rows[second])
     options = dict(n_resamples=n_resamples, seed=seed)
@@ -193,6 +197,7 @@ def compare(first: Path, second: Path, *, n_resamples: int = 2000, seed: int = 4
         "second": str(second),
         "n_images": len(targets),
         "n_subjects": len(set(subjects)),
+        "notes": notes,
         "metrics": {
             "first": _as_dict(bootstrap_intervals(subjects, targets, first_probs, first_preds, **options)),
             "second": _as_dict(bootstrap_intervals(subjects, targets, second_probs, second_preds, **options)),
@@ -207,6 +212,8 @@ def format_report(summary: dict) -> str:
     blind_to = "its subject" if summary["subject_level"] else "it (but trained on other cells of its subject)"
     lines = ["# Cross-validation", "", f"Folds: {summary['rule']}. {summary['n_images']} images of "
              f"{summary['n_subjects']} subjects, each predicted once by the model that did not train on {blind_to}.", ""]
+    if summary.get("recipe"):
+        lines += [f"Training: {summary['recipe']}.", ""]
     lines += [f"**{note}**" if note == LEAKAGE_WARNING else f"Note: {note}" for note in summary["notes"]]
     lines += ["", "| metric | " + " | ".join(f"fold {k}" for k in range(summary["n_folds"])) + " | mean ± sd | "
               "pooled [95 % CI] |", "|---" * (summary["n_folds"] + 3) + "|"]
@@ -230,11 +237,24 @@ def format_report(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _comparison_notes(first: Path, second: Path) -> list[str]:
+    """Return what differs between two cross-validations besides the recipe: folds, split level."""
+    summaries = [json.loads((folder / CV_SUMMARY).read_text(encoding="utf-8")) if (folder / CV_SUMMARY).is_file()
+                 else {} for folder in (first, second)]
+    notes = [f"{folder}: {summary['recipe']}" for folder, summary in zip((first, second), summaries)
+             if summary.get("recipe")]
+    if summaries[0].get("rule") != summaries[1].get("rule"):
+        notes.append(f"the folds differ ({summaries[0].get('rule')} against {summaries[1].get('rule')}), so the "
+                     "difference mixes the recipes with the splits")
+    return notes
+
+
 def format_comparison(result: dict) -> str:
     """Return a comparison from ``compare`` as a Markdown table."""
     metrics = result["metrics"]
     lines = [f"{result['n_images']} images of {result['n_subjects']} subjects; first: {result['first']}, second: "
-             f"{result['second']}", "", "| metric | first [95 % CI] | second [95 % CI] | second - first [95 % CI] |",
+             f"{result['second']}", *[f"Note: {note}" for note in result.get("notes", [])], "",
+             "| metric | first [95 % CI] | second [95 % CI] | second - first [95 % CI] |",
              "|---|---|---|---|"]
     for name in METRIC_NAMES:
         if name in metrics["difference"]:

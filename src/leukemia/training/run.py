@@ -798,6 +798,7 @@ def _run_record(
             "skipped_images": len(cells.skipped),
             "warnings": dataset.warnings,
         },
+        "training": {"recipe": config.describe(), "backbone": config.backbone, "weights": config.weights},
         "best_checkpoint": {
             "stage": FINETUNE.name if config.finetune_epochs else FROZEN.name,
             "monitor": checkpoint_callback.monitor,

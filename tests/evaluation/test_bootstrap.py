@@ -102,3 +102,13 @@ def test_paired_difference_sees_a_better_model():
 def test_subject_with_both_labels_rejected():
     with pytest.raises(ValueError, match="subject s0 has cells of both classes"):
         subject_resamples(["s0", "s0"], np.array([0, 1]), n_resamples=1, seed=0)
+
+
+def test_cell_order_does_not_change_intervals():
+    subjects, targets, probs, preds = _cells()
+    order = np.random.default_rng(5).permutation(len(targets))
+
+    shuffled = bootstrap_intervals([subjects[i] for i in order], targets[order], probs[order], preds[order],
+                                   n_resamples=200)
+
+    assert shuffled == bootstrap_intervals(subjects, targets, probs, preds, n_resamples=200)

@@ -65,7 +65,8 @@ def subject_resamples(subjects: list[str], targets: np.ndarray, *, n_resamples: 
 
     A subject's class is the label of its cells; the draw keeps the number of subjects of
     each class. Passing the same subjects, targets and seed gives the same resamples, which
-    is what a paired comparison of two models on the same cells needs.
+    is what a paired comparison of two models on the same cells needs. The order of the cells
+    does not matter: subjects are drawn in sorted order.
 
     Raises:
         ValueError: there are no cells, or a subject has cells of both classes.
@@ -74,7 +75,8 @@ def subject_resamples(subjects: list[str], targets: np.ndarray, *, n_resamples: 
     for index, subject in enumerate(subjects):
         cells_by_subject.setdefault(subject, []).append(index)
     by_class: dict[int, list[np.ndarray]] = {0: [], 1: []}
-    for subject, indices in cells_by_subject.items():
+    # Sorted, so the draws do not depend on the order of the cells.
+    for subject, indices in sorted(cells_by_subject.items()):
         labels = set(targets[indices].tolist())
         if len(labels) > 1:
             raise ValueError(f"subject {subject} has cells of both classes; a subject bootstrap needs one label per subject")

@@ -122,3 +122,20 @@ def test_summary_per_encoding(tmp_path):
     assert "roc_auc" not in summary["per_encoding"]["jpg"], "one class only"
     assert summary["per_encoding"]["jpg"]["specificity"]["value"] == 0.5
     assert summary["pooled"]["accuracy"]["value"] == pytest.approx(6 / 8)
+
+
+def test_compare_matches_cells_across_data_spellings(tmp_path):
+    # One run named the data by a relative path, the other by an absolute one.
+    cells = [("f0/all/a.jpg", "1", 1, 0.8), ("f0/hem/b.jpg", "H1", 0, 0.3), ("f1/all/c.jpg", "2", 1, 0.4),
+             ("f1/hem/d.jpg", "H2", 0, 0.6)]
+    for name, data in (("relative", "data"), ("absolute", str(tmp_path / "data"))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "cv_config.yaml").write_text(f"data: {data}\n")
+        lines = ["file,subject,label,probability,prediction,fold,encoding"]
+        lines += [f"{data}/{file},{subject},{label},{prob},{int(prob > 0.5)},0,jpg" for file, subject, label, prob in cells]
+        (tmp_path / name / CV_PREDICTIONS).write_text("\n".join(lines) + "\n")
+
+    result = compare(tmp_path / "relative", tmp_path / "absolute", n_resamples=50)
+
+    assert result["n_images"] == 4
+    assert result["metrics"]["difference"]["roc_auc"]["value"] == 0

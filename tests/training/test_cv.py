@@ -103,6 +103,7 @@ def test_image_level_cross_validation_warns_first(tmp_path, cv_run):
     summary = json.loads((tmp_path / "leaky" / CV_SUMMARY).read_text())
     assert LEAKAGE_WARNING in summary["notes"]
     assert summary["rule"] == "3 stratified folds of images (subject leakage)"
+    assert (tmp_path / "leaky" / "cv_report.md").read_text().splitlines()[2] == f"**{LEAKAGE_WARNING}**"
 
 
 def test_summary_per_encoding(tmp_path):

@@ -211,11 +211,14 @@ def compare(first: Path, second: Path, *, n_resamples: int = 2000, seed: int = 4
 def format_report(summary: dict) -> str:
     """Return the summary as Markdown: per-fold table, mean and spread, pooled values with intervals."""
     blind_to = "its subject" if summary["subject_level"] else "it (but trained on other cells of its subject)"
-    lines = ["# Cross-validation", "", f"Folds: {summary['rule']}. {summary['n_images']} images of "
-             f"{summary['n_subjects']} subjects, each predicted once by the model that did not train on {blind_to}.", ""]
+    lines = ["# Cross-validation", ""]
+    # The leakage warning comes first, as in the report of a train run.
+    lines += [f"**{note}**\n" for note in summary["notes"] if note == LEAKAGE_WARNING]
+    lines += [f"Folds: {summary['rule']}. {summary['n_images']} images of {summary['n_subjects']} subjects, each "
+              f"predicted once by the model that did not train on {blind_to}.", ""]
     if summary.get("recipe"):
         lines += [f"Training: {summary['recipe']}.", ""]
-    lines += [f"**{note}**" if note == LEAKAGE_WARNING else f"Note: {note}" for note in summary["notes"]]
+    lines += [f"Note: {note}" for note in summary["notes"] if note != LEAKAGE_WARNING]
     lines += ["", "| metric | " + " | ".join(f"fold {k}" for k in range(summary["n_folds"])) + " | mean ± sd | "
               "pooled [95 % CI] |", "|---" * (summary["n_folds"] + 3) + "|"]
     for name in METRIC_NAMES:

@@ -1,6 +1,6 @@
 """Reproduce the accuracy tables of docs/ACCURACY.md on the real cells in ../shared/data.
 
-    python benchmarks/accuracy_on_subset.py --out runs/accuracy     # about 1 hour on 2 CPU cores
+    python benchmarks/accuracy_on_subset.py --out runs/accuracy     # about 30 minutes on 2 CPU cores
 
 Runs `leukemia cv` (official folds, offline EfficientNet-Lite0) six times, as a user would:
 

@@ -66,7 +66,7 @@ def test_image_level_folds_share_subjects(real_samples):
     assert any(len(indices) > 1 for indices in _folds_of_subjects(folds.parts).values())
 
 
-def test_one_class_official_fold_falls_back_to_subject_folds(sample_dir):
+def test_one_class_fold_falls_back(sample_dir):
     # In the 48-cell sample, fold_2 contains ALL cells only.
     folds = make_folds(discover(sample_dir).labeled)
 

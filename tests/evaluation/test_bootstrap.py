@@ -40,7 +40,8 @@ def test_resamples_keep_subjects_whole_and_class_counts():
         counts = {s: drawn.count(s) for s in set(drawn)}
 
         assert all(count % 15 == 0 for count in counts.values()), "a subject is drawn with all its cells"
-        assert sum(targets[index]) == 12 * 15 and len(index) == 20 * 15
+        assert sum(targets[index]) == 12 * 15
+        assert len(index) == 20 * 15
 
 
 def test_intervals_contain_the_value_and_are_reproducible():
@@ -82,7 +83,7 @@ def test_one_class_leaves_out_two_class_metrics():
     assert set(intervals) == {"accuracy", "f1_weighted", "specificity"}
 
 
-def test_paired_difference_of_a_model_with_itself_is_zero():
+def test_paired_difference_self_zero():
     subjects, targets, probs, preds = _cells()
     difference = paired_difference_intervals(subjects, targets, (probs, preds), (probs, preds), n_resamples=100)
 

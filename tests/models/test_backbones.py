@@ -116,7 +116,8 @@ def test_torchvision_resnets_by_name(name, width):
     model, spec = create_backbone(name, weights=None)
 
     assert isinstance(model, torchvision.models.ResNet)
-    assert spec.name == name and spec.feature_dim == width
+    assert spec.name == name
+    assert spec.feature_dim == width
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, width)
 
 

@@ -193,7 +193,8 @@ def test_kill_during_finetuning_resumes_to_same_results(tmp_path, cache):
     resumed = _resume(out)
 
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stderr and "finetune/last.ckpt" in resumed.stderr
+    assert "resuming from" in resumed.stderr
+    assert "finetune/last.ckpt" in resumed.stderr
     assert _metrics(out)["test"] == _metrics(tmp_path / "reference")["test"]
     for history in ("logs/metrics.csv", "logs/finetune/metrics.csv"):
         assert (out / history).read_text() == (tmp_path / "reference" / history).read_text(), history

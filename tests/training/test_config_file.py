@@ -20,9 +20,14 @@ def test_challenge_recipe_loads():
     config = _resolve("--config", str(CHALLENGE), "--data", "data", "--out", "run")
 
     assert config.backbone == "resnet50"
-    assert config.finetune_epochs > 0 and config.finetune_stages == "all" and config.batch_norm == "frozen"
-    assert config.views == 8 and config.tta and config.threshold_rule == "f1_weighted"
-    assert 0 < config.scale_jitter < 0.5 and 0 < config.color_jitter < 1
+    assert config.finetune_epochs > 0
+    assert config.finetune_stages == "all"
+    assert config.batch_norm == "frozen"
+    assert config.views == 8
+    assert config.tta
+    assert config.threshold_rule == "f1_weighted"
+    assert 0 < config.scale_jitter < 0.5
+    assert 0 < config.color_jitter < 1
     assert config.cv_fold is None, "the recipe is the challenge protocol: official folds to train, prelim test to report"
 
 
@@ -34,7 +39,8 @@ def test_command_line_overrides_the_file():
     assert config.finetune_epochs == 3
     assert config.tta is False
     assert config.preprocess.output_size == 160
-    assert config.preprocess.crop == "bbox" and config.views == 8, "settings not given keep the file's values"
+    assert config.preprocess.crop == "bbox", "settings not given keep the file's values"
+    assert config.views == 8
 
 
 def test_defaults_without_a_file():
@@ -55,7 +61,7 @@ def test_yaml_round_trip(tmp_path):
     assert _resolve("--config", str(path)) == config, "a run's config.yaml reruns the run"
 
 
-def test_unknown_setting_names_the_file_and_the_nearest_name(tmp_path):
+def test_unknown_setting_suggests_nearest(tmp_path):
     path = tmp_path / "typo.yaml"
     path.write_text("finetune_epoch: 3\n")
 

@@ -33,7 +33,7 @@ def cv_run(tmp_path_factory):
     return root / "cv", root / "cache"
 
 
-def test_every_cell_predicted_once_by_a_model_blind_to_its_subject(cv_run):
+def test_each_cell_predicted_once_blind(cv_run):
     out, _ = cv_run
     pooled = _rows(out / CV_PREDICTIONS)
 
@@ -50,17 +50,20 @@ def test_summary_has_folds_spread_and_intervals(cv_run):
     out, _ = cv_run
     summary = json.loads((out / CV_SUMMARY).read_text())
 
-    assert summary["n_folds"] == 3 and summary["n_images"] == 48 and summary["n_subjects"] == 12
+    assert summary["n_folds"] == 3
+    assert summary["n_images"] == 48
+    assert summary["n_subjects"] == 12
     assert len(summary["per_fold"]) == 3
     for name in ("accuracy", "balanced_accuracy", "f1_weighted", "roc_auc"):
         interval = summary["pooled"][name]
         assert interval["low"] <= interval["value"] <= interval["high"]
-        assert summary["mean"][name] is not None and summary["std"][name] is not None
+        assert summary["mean"][name] is not None
+        assert summary["std"][name] is not None
     assert "official fold fold_2 contains images of one class only" in summary["notes"][0]
     assert "| roc_auc |" in (out / "cv_report.md").read_text()
 
 
-def test_rerun_keeps_finished_folds_and_resumes_an_interrupted_one(cv_run):
+def test_rerun_keeps_and_resumes_folds(cv_run):
     out, cache = cv_run
     kept = (out / "fold_0" / "model.pt").stat().st_mtime_ns
     before = json.loads((out / CV_SUMMARY).read_text())

@@ -45,13 +45,14 @@ def test_stages_run_from_stem_to_head(name, n_stages, first, last):
     assert list(stages.values()) == sorted(stages.values()), "stages follow the order of the layers"
 
 
-def test_last_stage_only_trains_its_parameters_and_the_head():
+def test_last_stage_and_head_train():
     model = _classifier()
     _module(model, stages=1)
     stages = parameter_stages(model.backbone)
     trainable = {name for name, p in model.backbone.named_parameters() if p.requires_grad}
 
-    assert trainable and all(stages[name] == 4 for name in trainable)
+    assert trainable
+    assert all(stages[name] == 4 for name in trainable)
     assert all(p.requires_grad for p in model.head.parameters())
     assert not any("bn" in name for name in trainable), "batch norm stays frozen by default"
 
@@ -87,10 +88,12 @@ def test_learning_rate_warms_up_then_decays_to_zero():
         schedule.step()
 
     assert rates[0] == pytest.approx(1e-3 / 4)
-    assert rates[:5] == sorted(rates[:5]) and max(rates) == pytest.approx(1e-3)
+    assert rates[:5] == sorted(rates[:5])
+    assert max(rates) == pytest.approx(1e-3)
     assert rates[4:] == sorted(rates[4:], reverse=True)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)
-    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.param_groups[0]["weight_decay"] == 0.01
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert optimizer.param_groups[0]["weight_decay"] == 0.01
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +122,7 @@ def test_finetuned_run_writes_both_stages(finetuned_run):
     assert {row["epoch"] for row in _rows(run_dir / "logs" / "finetune" / "metrics.csv")} == {"0", "1"}
 
 
-def test_finetuned_backbone_is_saved_and_predicts_like_the_report(finetuned_run):
+def test_finetuned_model_predicts_like_report(finetuned_run):
     model, _ = load_checkpoint(finetuned_run.model_path)
     pretrained, _ = create_backbone("efficientnet_lite0")
     changed = [name for name, tensor in model.backbone.state_dict().items()
@@ -138,10 +141,11 @@ def test_resolved_settings_in_run_directory_and_model_file(finetuned_run):
 
     assert saved == metadata["train_config"]
     assert TrainConfig.from_dict(saved).to_dict() == saved
-    assert saved["finetune_epochs"] == 2 and saved["scale_jitter"] == 0.1
+    assert saved["finetune_epochs"] == 2
+    assert saved["scale_jitter"] == 0.1
 
 
-def test_resuming_a_finished_finetuned_run_gives_the_same_report(finetuned_run):
+def test_resume_finished_finetuned_run(finetuned_run):
     before = finetuned_run.metrics["test"]
 
     again = resume_training(finetuned_run.run_dir)

@@ -3,7 +3,7 @@
 The jitter is kept small on purpose: a cell's size and the stain's hue carry diagnostic
 information (blasts are larger than normal lymphocytes), so strong jitter would blur the
 very cues the classifier needs. It changes pixels, so it applies only where the backbone
-sees the images themselves: the fine-tuning stage and ``live_backbone`` training. Cached
+runs on the images themselves: the fine-tuning stage and ``live_backbone`` training. Cached
 features of the frozen stage are computed from the unjittered cells.
 """
 

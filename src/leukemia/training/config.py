@@ -69,7 +69,7 @@ class TrainConfig:
         scale_jitter: largest relative zoom of a training cell (0.1: factor 0.9 to 1.1).
         color_jitter: largest relative change of brightness, contrast and saturation of a
             training cell; the hue moves by a fifth of it. Both jitters apply where the backbone
-            sees the images: fine-tuning and ``live_backbone`` training.
+            runs on the images: fine-tuning and ``live_backbone`` training.
         cv_fold: set by ``leukemia cv``: the fold (0-based) that is this run's test split.
         cv_folds: set by ``leukemia cv``: the number of folds; None takes the official C-NMC
             folds when the data has them, otherwise 5 folds of subjects.

@@ -212,6 +212,7 @@ def format_report(summary: dict) -> str:
     """Return the summary as Markdown: per-fold table, mean and spread, pooled values with intervals."""
     blind_to = "its subject" if summary["subject_level"] else "it (but trained on other cells of its subject)"
     lines = ["# Cross-validation", ""]
+
     # The leakage warning comes first, as in the report of a train run.
     lines += [f"**{note}**\n" for note in summary["notes"] if note == LEAKAGE_WARNING]
     lines += [f"Folds: {summary['rule']}. {summary['n_images']} images of {summary['n_subjects']} subjects, each "
@@ -219,6 +220,7 @@ def format_report(summary: dict) -> str:
     if summary.get("recipe"):
         lines += [f"Training: {summary['recipe']}.", ""]
     lines += [f"Note: {note}" for note in summary["notes"] if note != LEAKAGE_WARNING]
+
     lines += ["", "| metric | " + " | ".join(f"fold {k}" for k in range(summary["n_folds"])) + " | mean ± sd | "
               "pooled [95 % CI] |", "|---" * (summary["n_folds"] + 3) + "|"]
     for name in METRIC_NAMES:
@@ -226,6 +228,7 @@ def format_report(summary: dict) -> str:
         pooled = summary["pooled"].get(name)
         lines.append(f"| {name} | " + " | ".join(folds) + f" | {_cell(summary['mean'][name])} ± "
                      f"{_cell(summary['std'][name])} | {_interval(pooled)} |")
+
     if "per_encoding" in summary:
         encodings = list(summary["per_encoding"])
         lines += ["", "Pooled held-out predictions per file encoding:", "",
@@ -235,6 +238,7 @@ def format_report(summary: dict) -> str:
         for name in METRIC_NAMES:
             lines.append(f"| {name} | " + " | ".join(_interval(summary["per_encoding"][e].get(name)) for e in encodings)
                          + " |")
+
     bootstrap = summary["bootstrap"]
     lines += ["", f"Intervals: {bootstrap['resamples']} bootstrap resamples of subjects within each class; "
               "mean ± sd are over folds. For research use only. Not for diagnosis.", ""]
@@ -244,8 +248,8 @@ def format_report(summary: dict) -> str:
 def _data_relative(file: str, folder: Path) -> str:
     """Return a predicted file's path inside the cross-validation's data folder.
 
-    Two cross-validations of the same data may name it differently (a relative and an
-    absolute path, or a copy elsewhere); the path inside it identifies the cell.
+    Two cross-validations of the same data may name the folder differently, by a relative and
+    an absolute path or as a copy elsewhere. The path inside the folder identifies the cell.
     """
     config = folder / CV_CONFIG
     if config.is_file():

@@ -136,8 +136,8 @@ class ViewSampler(Sampler[int]):
         views = torch.randint(0, self.n_views, (self.n_images,), generator=generator)
         if not self.shuffle:
             views.zero_()
-        # Draws of epoch e are numbered from e * n_images * n_views; the datasets take them modulo
-        # their length, and a jittering dataset seeds each draw from its number.
+        # Draws of epoch e are numbered from e * n_images * n_views. The datasets take them modulo
+        # their length, so a jittering dataset can seed each draw from its number.
         indices = (order * self.n_views + views + self.epoch * self.n_images * self.n_views).tolist()
 
         # Pad to the same share for every process. The loop repeats the whole list when it is shorter than the padding.

@@ -181,7 +181,12 @@ def resolve_config(args: argparse.Namespace, **fixed) -> TrainConfig:
 
 def _add_option(group, flag: str, setting: str, keywords: dict) -> None:
     default = _default(setting)
-    shown = "unset" if default is None else str(default).lower() if isinstance(default, bool) else default
+    if default is None:
+        shown = "unset"
+    elif isinstance(default, bool):
+        shown = str(default).lower()
+    else:
+        shown = default
     help_text = keywords.get("help", "")
     if "unset means" not in help_text:
         help_text = f"{help_text} (default: {shown})"

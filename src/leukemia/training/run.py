@@ -53,7 +53,7 @@ RUN_CONFIG = "config.yaml"
 
 @dataclass(frozen=True)
 class Stage:
-    """Where a training stage keeps its checkpoints and history inside the run directory.
+    """The folders inside the run directory where a training stage keeps its checkpoints and history.
 
     The frozen stage trains the head on a frozen backbone; the optional fine-tuning stage then
     trains the head and the backbone's last stages together.
@@ -70,7 +70,7 @@ class Stage:
         return run_dir / "logs" / self.log_version / "metrics.csv"
 
     def earlier_history(self, run_dir: Path) -> Path:
-        """Where the history logged before a resume waits until the resumed run has merged it back."""
+        """Return the file that keeps the history logged before a resume until the resumed run merges it back."""
         suffix = f"_{self.log_version}" if self.log_version else ""
         return run_dir / f"history_before_resume{suffix}.csv"
 
@@ -669,8 +669,8 @@ def _build_trainer(
     early_stopping = EarlyStopping(monitor="val_loss", mode="min", patience=config.patience)
     # The frozen backbone is in eval mode on purpose (its batch-norm statistics stay fixed).
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
-    # On resume Lightning warns that the logs and checkpoints folders are not empty and that
-    # old logs "will be deleted"; _fit merges the earlier history back, so nothing is lost.
+    # On resume Lightning warns that the logs and checkpoints folders are not empty and that old
+    # logs "will be deleted". _fit saves the earlier history before fit and merges it back after.
     warnings.filterwarnings("ignore", message=r".*Experiment logs directory .* exists and is not empty.*")
     warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
     # Every process validates on the whole validation set, so its validation metrics are already
